@@ -1,0 +1,149 @@
+"""Token merging for AgentSD: pure torch, nothing of diffusers (steps 1-4 and 6 of ALGORITHM.md).
+
+A merge plan gives every token of a block its slot in the merged sequence, so that
+
+    merge:   (B, N, C)     -> (B, N - t, C)   each slot is the mean of the tokens that map to it
+    unmerge: (B, N - t, C) -> (B, N, C)       each token takes the value of its slot
+
+Destinations keep their own slot and absorb the sources merged into them; unmerged sources keep
+a slot of their own. The agents are a second plan from the same matching with more merged.
+Token order inside the merged sequence is free (attention has no positions): destinations come
+first, then the unmerged sources in order of similarity.
+"""
+
+import math
+import struct
+from typing import NamedTuple
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+class Grid(NamedTuple):
+    """Where a block sits in the UNet: its downsampling factor and token grid."""
+
+    downsample: int
+    height: int
+    width: int
+
+
+class Destinations(NamedTuple):
+    """One destination per complete sy x sx cell of a grid of N tokens, D cells."""
+
+    index: torch.Tensor  # (D,) int64: token position of each cell's destination
+    slot: torch.Tensor  # (N,) int64: at a destination's position, its cell; 0 elsewhere
+    is_dst: torch.Tensor  # (N,) bool
+
+
+class MergePlan(NamedTuple):
+    slot: torch.Tensor  # (B, N) int64: slot of each token in the merged sequence
+    num_slots: int  # N - t
+    agent_slot: torch.Tensor | None  # (B, N) int64: slot of each token among the agents
+    num_agents: int  # n = N - t_a
+
+
+def token_grid(latent_size: tuple[int, int], num_tokens: int) -> Grid:
+    """The level of a block that sees `num_tokens` tokens when the UNet input is `latent_size`."""
+    latent_h, latent_w = latent_size
+    downsample = math.ceil(math.sqrt(latent_h * latent_w / num_tokens))
+    return Grid(downsample, math.ceil(latent_h / downsample), math.ceil(latent_w / downsample))
+
+
+def merge_counts(num_tokens: int, num_dst: int, ratio: float, agent_ratio: float) -> tuple[int, int | None]:
+    """(t, t_a): tokens merged away for the merged sequence and for the agents.
+
+    t = 0 means the block runs unpatched. t_a is None when agents would not pay (2n >= N - t):
+    then the block is plain ToMe attention on the merged sequence.
+    """
+    requested = int(num_tokens * ratio)  # the official code floors with int(), so do we
+    num_src = num_tokens - num_dst
+    num_merged = min(requested, num_src)
+    if num_merged <= 0:
+        return 0, None
+    num_agent_merged = min(int(num_tokens * agent_ratio), num_src)
+    if 2 * (num_tokens - num_agent_merged) < num_tokens - num_merged:
+        return num_merged, num_agent_merged
+    return num_merged, None
+
+
+def _mix32(x):
+    """Thomas Mueller's 32-bit integer hash (multiplier 0x45d9f3b), on ints or int64 tensors.
+
+    Inputs lie in [0, 2**32) and the multiplier is below 2**27, so int64 never overflows.
+    """
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def random_key(seed: int, timestep) -> torch.Tensor | int:
+    """A 32-bit key for one UNet call, from the seed and the timestep, without reading the timestep.
+
+    Calls at different timesteps get independent destination patterns and a run is
+    reproducible from its seed. The key stays on the timestep's device (no host sync, fine
+    inside CUDA graphs and torch.compile).
+    """
+    if torch.is_tensor(timestep):
+        bits = timestep.reshape(-1)[0].to(torch.float32).view(torch.int32).to(torch.int64) & _MASK32
+    else:
+        bits = struct.unpack("<I", struct.pack("<f", float(timestep)))[0]
+    return _mix32(bits ^ (seed & _MASK32))
+
+
+def choose_destinations(grid: Grid, sy: int, sx: int, key=None, device=None) -> Destinations:
+    """Step 1: one destination per complete sy x sx cell, random when `key` is given, else top-left."""
+    cells_y, cells_x = grid.height // sy, grid.width // sx
+    num_tokens = grid.height * grid.width
+    cell = torch.arange(cells_y * cells_x, device=device)
+    if key is None:
+        offset = torch.zeros_like(cell)
+    else:
+        # Distinct hash inputs per (level, cell); levels are powers of two below 16.
+        offset = _mix32((_mix32(cell * 16 + grid.downsample) + key) & _MASK32) % (sy * sx)
+    row = torch.div(cell, cells_x, rounding_mode="floor") * sy + torch.div(offset, sx, rounding_mode="floor")
+    col = (cell % cells_x) * sx + offset % sx
+    index = row * grid.width + col
+    slot = torch.zeros(num_tokens, dtype=torch.int64, device=device).scatter_(0, index, cell)
+    is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device).scatter_(0, index, True)
+    return Destinations(index, slot, is_dst)
+
+
+def plan_merge(
+    metric: torch.Tensor, destinations: Destinations, num_merged: int, num_agent_merged: int | None = None
+) -> MergePlan:
+    """Steps 2-4: match every source to its most similar destination and rank the sources.
+
+    metric (B, N, C): the block input X. The first `num_merged` sources in order of best cosine
+    similarity merge into their destination; `num_agent_merged` does the same for the agents.
+    """
+    batch, num_tokens, _ = metric.shape
+    num_dst = destinations.index.numel()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    similarity = metric @ metric[:, destinations.index].transpose(1, 2)  # (B, N, D)
+    best_score, best_dst = similarity.max(dim=-1)  # (B, N)
+    # Destinations rank after every source, so they are never among the merged.
+    best_score = best_score.masked_fill(destinations.is_dst, -math.inf)
+    order = best_score.argsort(dim=-1, descending=True)
+    positions = torch.arange(num_tokens, device=metric.device).expand(batch, num_tokens)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+
+    def slots(merged: int) -> torch.Tensor:
+        source_slot = torch.where(rank < merged, best_dst, rank + (num_dst - merged))
+        return torch.where(destinations.is_dst, destinations.slot, source_slot)
+
+    if num_agent_merged is None:
+        return MergePlan(slots(num_merged), num_tokens - num_merged, None, 0)
+    return MergePlan(slots(num_merged), num_tokens - num_merged, slots(num_agent_merged), num_tokens - num_agent_merged)
+
+
+def merge(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(B, N, C) -> (B, num_slots, C): the mean of the tokens in each slot."""
+    index = slot.unsqueeze(-1).expand_as(x)
+    out = x.new_zeros(x.shape[0], num_slots, x.shape[-1])
+    return out.scatter_reduce_(1, index, x, reduce="mean", include_self=False)
+
+
+def unmerge(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """(B, num_slots, C) -> (B, N, C): every token takes the value of its slot."""
+    return x.gather(1, slot.unsqueeze(-1).expand(*slot.shape, x.shape[-1]))

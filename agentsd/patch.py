@@ -1,0 +1,230 @@
+"""apply_patch / remove_patch: the only module that touches diffusers objects.
+
+What a patch installs, all of it undone by remove_patch:
+- a forward pre-hook on the UNet: latent size, stage and random key of the call;
+- a forward pre-hook on every BasicTransformerBlock: its merge plan, from the block input X;
+- AgentSDAttnProcessor on each block's attn1 (the replaced processor is kept inside it);
+- with merge_crossattn / merge_mlp, merge and unmerge hooks around attn2 / ff;
+- on a pipeline, a wrapper of scheduler.scale_model_input (the stage) and of progress_bar (to
+  follow a scheduler swapped in after apply_patch). Parameters and the state_dict are untouched.
+"""
+
+import weakref
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+
+from .attention import AgentSDAttnProcessor
+from .config import AgentSDConfig, build_config
+from .merge import choose_destinations, merge, merge_counts, plan_merge, random_key, token_grid, unmerge
+from .schedule import StageTracker
+
+SUPPORTED = (
+    "a diffusers pipeline with a UNet2DConditionModel `.unet` (Stable Diffusion 1.x/2.x, SDXL, their "
+    "img2img/inpaint and ControlNet variants) or a UNet2DConditionModel"
+)
+
+
+def apply_patch(
+    model,
+    ratio: float = 0.4,
+    *,
+    sx: int | None = None,
+    sy: int | None = None,
+    agent_ratio: float | None = None,
+    schedule=None,
+    max_downsample: int | None = None,
+    k_scale2: float = 0.3,
+    k_shortcut: float = 0.075,
+    attn_precision: str | None = None,
+    use_rand: bool = True,
+    seed: int | None = None,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    scheduler=None,
+):
+    """Patch `model` (a pipeline or its UNet) with AgentSD in place and return it.
+
+    Without sx/sy/agent_ratio the paper's schedule applies: agent attention (sx=sy=4,
+    agent_ratio=0.95) for the first 40% of the denoising trajectory, plain ToMe (sx=sy=2,
+    agent_ratio=0.5) after. `scheduler` is needed only to drive a schedule on a bare UNet.
+    Re-applying replaces the previous patch; invalid arguments raise before anything changes.
+    """
+    config = build_config(
+        ratio=ratio, sx=sx, sy=sy, agent_ratio=agent_ratio, schedule=schedule, max_downsample=max_downsample,
+        k_scale2=k_scale2, k_shortcut=k_shortcut, attn_precision=attn_precision, use_rand=use_rand,
+        seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
+    )  # fmt: skip
+    unet, pipe = _find_unet(model)
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    if not blocks:
+        raise ValueError(f"{type(unet).__name__} has no transformer blocks (BasicTransformerBlock) to patch")
+    if scheduler is not None and pipe is not None:
+        raise ValueError("scheduler is for a bare UNet; a pipeline's own scheduler is followed already")
+    if len(config.stages) > 1 and pipe is None and scheduler is None:
+        raise ValueError(
+            "a schedule of several stages follows the denoising loop through its scheduler: pass the "
+            "pipeline (apply_patch(pipe)), or scheduler= with the bare UNet, or one fixed setting "
+            "(sx=, sy=, agent_ratio=)"
+        )
+    if scheduler is not None and not callable(getattr(scheduler, "scale_model_input", None)):
+        raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
+
+    remove_patch(unet)
+    patch = UNetPatch(unet, blocks, config)
+    if pipe is not None:
+        patch.follow_pipeline(pipe)
+    elif scheduler is not None:
+        patch.tracker.follow(scheduler)
+    return model
+
+
+def remove_patch(model):
+    """Undo apply_patch. Harmless on a model that is not patched; returns `model`."""
+    unet, _ = _find_unet(model)
+    patch = unet.__dict__.pop("_agentsd", None)
+    if patch is not None:
+        patch.remove()
+    return model
+
+
+def is_patched(model) -> bool:
+    return "_agentsd" in _find_unet(model)[0].__dict__
+
+
+def _find_unet(model):
+    """(unet, pipeline or None); TypeError for anything else."""
+    pipe = None
+    if isinstance(model, DiffusionPipeline):
+        pipe, model = model, getattr(model, "unet", None)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    if isinstance(model, UNet2DConditionModel):
+        return model, pipe
+    if pipe is not None:
+        found = ", ".join(f"{k}={type(v).__name__}" for k, v in pipe.components.items() if isinstance(v, torch.nn.Module))
+        raise TypeError(f"agentsd supports {SUPPORTED}; {type(pipe).__name__} has {found or 'no model'}")
+    raise TypeError(f"agentsd supports {SUPPORTED}; got {type(model).__name__}")
+
+
+def _top_level(unet: UNet2DConditionModel) -> int:
+    """Downsampling factor of the highest-resolution level with transformer blocks (1 for SD, 2 for SDXL)."""
+    levels = [2**i for i, block in enumerate(unet.down_blocks) if _has_transformer(block)]
+    last = len(unet.up_blocks) - 1
+    levels += [2 ** (last - i) for i, block in enumerate(unet.up_blocks) if _has_transformer(block)]
+    return min(levels, default=2**last)
+
+
+def _has_transformer(module) -> bool:
+    return any(isinstance(m, BasicTransformerBlock) for m in module.modules())
+
+
+class UNetPatch:
+    """Everything one patched UNet holds, and the hooks that run on each call."""
+
+    def __init__(self, unet: UNet2DConditionModel, blocks, config: AgentSDConfig):
+        self.config = config
+        self.max_downsample = config.max_downsample or _top_level(unet)
+        self.tracker = StageTracker(config.stages)
+        self.handles = [unet.register_forward_pre_hook(self.before_unet, with_kwargs=True)]
+        self.processors = []  # (attn1, our processor) to restore
+        self.pipe_ref = None
+        # Per call, set by before_unet:
+        self.latent_size = None
+        self.stage = config.stages[0]
+        self.key = None
+        self.destinations = {}
+
+        for block in blocks:
+            block_merge = BlockMerge(self)
+            self.handles.append(block.register_forward_pre_hook(block_merge.before_block, with_kwargs=True))
+            if config.merge_attn:
+                processor = AgentSDAttnProcessor(
+                    block.attn1.processor, block_merge, k_scale2=config.k_scale2,
+                    k_shortcut=config.k_shortcut, upcast=config.attn_precision == "fp32",
+                )  # fmt: skip
+                block.attn1.set_processor(processor)
+                self.processors.append((block.attn1, processor))
+            wrapped = [block.attn2] if config.merge_crossattn and block.attn2 is not None else []
+            wrapped += [block.ff] if config.merge_mlp else []
+            for module in wrapped:
+                self.handles.append(module.register_forward_pre_hook(block_merge.merge_input))
+                self.handles.append(module.register_forward_hook(block_merge.unmerge_output))
+        unet._agentsd = self
+
+    def follow_pipeline(self, pipe) -> None:
+        """Follow pipe.scheduler, and whichever scheduler the pipe holds when a run starts."""
+        self.tracker.follow(pipe.scheduler)
+        tracker, pipe_ref = self.tracker, weakref.ref(pipe)
+        original = pipe.progress_bar  # every pipeline opens it after setting the timesteps
+
+        def progress_bar(*args, **kwargs):
+            tracker.follow(pipe_ref().scheduler)
+            return original(*args, **kwargs)
+
+        pipe.progress_bar = progress_bar
+        self.pipe_ref = (pipe_ref, progress_bar)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for attn, processor in self.processors:
+            if attn.processor is processor:  # the user may have set another processor since
+                attn.set_processor(processor.original)
+        self.tracker.unfollow()
+        if self.pipe_ref is not None:
+            pipe_ref, progress_bar = self.pipe_ref
+            pipe = pipe_ref()
+            if pipe is not None and pipe.__dict__.get("progress_bar") is progress_bar:
+                del pipe.__dict__["progress_bar"]
+
+    def before_unet(self, unet, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.latent_size = tuple(sample.shape[-2:])
+        self.stage = self.tracker.stage
+        # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
+        use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
+        self.key = random_key(self.config.seed, timestep) if use_rand else None
+        self.destinations = {}
+
+    def plan_for(self, x: torch.Tensor):
+        """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched."""
+        num_tokens = x.shape[1]
+        grid = token_grid(self.latent_size, num_tokens)
+        if grid.downsample > self.max_downsample or grid.height * grid.width != num_tokens:
+            return None
+        stage = self.stage
+        num_dst = (grid.height // stage.sy) * (grid.width // stage.sx)
+        num_merged, num_agent_merged = merge_counts(num_tokens, num_dst, stage.ratio, stage.agent_ratio)
+        if num_merged == 0:
+            return None
+        # One destination pattern per level and call, shared by the level's blocks.
+        if grid.downsample not in self.destinations:
+            self.destinations[grid.downsample] = choose_destinations(grid, stage.sy, stage.sx, self.key, x.device)
+        return plan_merge(x, self.destinations[grid.downsample], num_merged, num_agent_merged)
+
+
+class BlockMerge:
+    """The merge plan of one transformer block for the current call, and its hooks."""
+
+    def __init__(self, patch: UNetPatch):
+        self.patch = patch
+        self.plan = None
+
+    def before_block(self, block, args, kwargs) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        self.plan = self.patch.plan_for(x)
+
+    def merge_input(self, module, args):
+        plan = self.plan
+        if plan is None or not args or args[0].shape[1] != plan.slot.shape[1]:
+            return None
+        return (merge(args[0], plan.slot, plan.num_slots), *args[1:])
+
+    def unmerge_output(self, module, args, output):
+        plan = self.plan
+        if plan is None or not args or args[0].shape[1] != plan.num_slots:
+            return None
+        return unmerge(output, plan.slot)

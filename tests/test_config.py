@@ -1,0 +1,91 @@
+"""Bad input: a clear error that names the parameter, and the model left as it was."""
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+import agentsd
+from agentsd.models import unet_from_config
+from conftest import run_unet, unet_inputs
+
+FIXED = dict(sx=2, sy=2, agent_ratio=0.5)
+
+BAD = [
+    (dict(ratio=1.0), ValueError, "ratio must be in \\[0, 1\\)"),
+    (dict(ratio=-0.1), ValueError, "ratio must be in"),
+    (dict(ratio="0.4"), TypeError, "ratio must be a number"),
+    (dict(ratio=float("nan")), ValueError, "ratio must be finite"),
+    (dict(sx=0, sy=2, agent_ratio=0.5), ValueError, "sx must be a positive integer"),
+    (dict(sx=2, sy=2.5, agent_ratio=0.5), ValueError, "sy must be a positive integer"),
+    (dict(sx=True, sy=2, agent_ratio=0.5), ValueError, "sx must be a positive integer"),
+    (dict(sx=2, sy=2, agent_ratio=1.5), ValueError, "agent_ratio must be in"),
+    (dict(sx=2, sy=2), ValueError, "missing: agent_ratio"),
+    (dict(agent_ratio=0.9), ValueError, "missing: sx, sy"),
+    (dict(schedule=[dict(end=1.0, sx=2, sy=2, agent_ratio=0.5)], sx=2), ValueError, "either `schedule`"),
+    (dict(schedule=[]), TypeError, "schedule must be a non-empty list"),
+    (dict(schedule="paper"), TypeError, "schedule must be a non-empty list"),
+    (dict(schedule=[dict(end=0.5, sx=2, sy=2, agent_ratio=0.5)]), ValueError, "last must be 1.0"),
+    (dict(schedule=[dict(end=0.6, sx=2, sy=2, agent_ratio=0.5), dict(end=0.4, sx=2, sy=2, agent_ratio=0.5)]),
+     ValueError, "rise strictly"),
+    (dict(schedule=[dict(end=1.0, sx=2, sy=2)]), ValueError, "missing: \\['agent_ratio'\\]"),
+    (dict(schedule=[dict(end=1.0, sx=2, sy=2, agent_ratio=0.5, stride=3)]), ValueError, "unknown: \\['stride'\\]"),
+    (dict(schedule=[dict(end=1.0, sx=-1, sy=2, agent_ratio=0.5)]), ValueError, "sx must be a positive integer"),
+    (dict(schedule=[(1.0, 2, 2, 0.5)]), TypeError, "schedule\\[0\\] must be an agentsd.Stage"),
+    (dict(attn_precision="fp16"), ValueError, "attn_precision must be one of \\(None, 'fp32'\\)"),
+    (dict(max_downsample=3), ValueError, "max_downsample must be None or one of \\(1, 2, 4, 8\\)"),
+    (dict(use_rand=1), TypeError, "use_rand must be True or False"),
+    (dict(merge_mlp="yes"), TypeError, "merge_mlp must be True or False"),
+    (dict(seed=1.5), TypeError, "seed must be None or an int"),
+    (dict(k_scale2=None), TypeError, "k_scale2 must be a number"),
+    (dict(scheduler=object()), TypeError, "scheduler must be a diffusers scheduler"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_arguments_leave_the_patch_as_it_was(kwargs, error, message):
+    unet = unet_from_config("sd15", tiny=True).eval()
+    inputs = unet_inputs("sd15")
+    agentsd.apply_patch(unet, 0.5, **FIXED, use_rand=False)
+    before = run_unet(unet, inputs)
+    args = {**({} if set(kwargs) & {"sx", "sy", "agent_ratio", "schedule"} else FIXED), **kwargs}
+    with pytest.raises(error, match=message):
+        agentsd.apply_patch(unet, **args)
+    assert torch.equal(run_unet(unet, inputs), before)  # the earlier patch still stands, whole
+
+
+def test_bad_arguments_leave_an_unpatched_model_alone():
+    unet = unet_from_config("sd15", tiny=True).eval()
+    with pytest.raises(ValueError):
+        agentsd.apply_patch(unet, ratio=2.0, **FIXED)
+    assert not agentsd.is_patched(unet)
+    assert all(not m._forward_pre_hooks for m in unet.modules())
+
+
+def test_unsupported_models(sd_pipe):
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        agentsd.apply_patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        agentsd.apply_patch(UNet2DModel(sample_size=8, block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
+                                        up_block_types=("UpBlock2D",) * 2, norm_num_groups=8))
+    sd_pipe.unet = None  # like a transformer-based pipeline (SD3, Flux): no UNet
+    with pytest.raises(TypeError, match="StableDiffusionPipeline has vae=AutoencoderKL"):
+        agentsd.apply_patch(sd_pipe)
+
+
+def test_unet_without_transformer_blocks():
+    unet = unet_from_config("sd15", tiny=True)
+    plain = type(unet)(**{**unet.config, "down_block_types": ["DownBlock2D"] * 4, "up_block_types": ["UpBlock2D"] * 4,
+                          "mid_block_type": None})  # fmt: skip
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        agentsd.apply_patch(plain, **FIXED)
+
+
+def test_default_schedule_values():
+    unet = unet_from_config("sdxl", tiny=True)
+    agentsd.apply_patch(unet, sx=4, sy=4, agent_ratio=0.95)
+    assert unet._agentsd.max_downsample == 2  # SDXL's top level has no transformer blocks
+    unet = unet_from_config("sd15", tiny=True)
+    agentsd.apply_patch(unet, sx=4, sy=4, agent_ratio=0.95)
+    assert unet._agentsd.max_downsample == 1
+    stages = agentsd.paper_schedule(0.3)
+    assert [(s.end, s.sx, s.agent_ratio, s.ratio) for s in stages] == [(0.4, 4, 0.95, 0.3), (1.0, 2, 0.5, 0.3)]

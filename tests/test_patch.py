@@ -1,0 +1,137 @@
+"""apply_patch / remove_patch on tiny UNets: parity with the reference and with tomesd, clean undo."""
+
+import copy
+import types
+
+import pytest
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+
+import agentsd
+from agentsd.attention import AgentSDAttnProcessor
+from conftest import run_unet, unet_inputs
+from reference import reference_block_forward
+
+AGENT_STAGE = dict(sx=4, sy=4, agent_ratio=0.95)
+TOME_STAGE = dict(sx=2, sy=2, agent_ratio=0.5)
+TOP_LEVEL = {"sd15": 1, "sd21": 1, "sdxl": 2}
+
+
+def reference_unet(unet, latent, stage, ratio, max_downsample):
+    """A copy of `unet` whose transformer blocks run the reference."""
+    reference = copy.deepcopy(unet)
+    settings = dict(stage, ratio=ratio, k_scale2=0.3, k_shortcut=0.075)
+    for block in reference.modules():
+        if isinstance(block, BasicTransformerBlock):
+            block.forward = types.MethodType(
+                lambda self, *a, _f=reference_block_forward(block, latent, settings, max_downsample), **k: _f(*a, **k),
+                block,
+            )
+    return reference
+
+
+@pytest.mark.parametrize("stage", [AGENT_STAGE, TOME_STAGE], ids=["agent", "tome"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_matches_reference(unet, kind, stage, batch):
+    latent = (10, 14)  # level-1 grid 10x14 and level-2 grid 5x7: sx, sy divide neither
+    inputs = unet_inputs(kind, batch=batch, latent=latent)
+    expected = run_unet(reference_unet(unet, latent, stage, 0.4, TOP_LEVEL[kind]), inputs)
+    baseline = run_unet(unet, inputs)
+    agentsd.apply_patch(unet, 0.4, **stage, use_rand=False)
+    out = run_unet(unet, inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert (out - baseline).abs().max() > 1e-3  # the patch changed something
+
+
+def test_matches_reference_two_levels_fp32_precision():
+    unet = agentsd.models.unet_from_config("sd15", tiny=True).eval()
+    latent = (9, 13)
+    inputs = unet_inputs("sd15", latent=latent)
+    expected = run_unet(reference_unet(unet, latent, TOME_STAGE, 0.5, max_downsample=2), inputs)
+    agentsd.apply_patch(unet, 0.5, **TOME_STAGE, use_rand=False, max_downsample=2, attn_precision="fp32")
+    torch.testing.assert_close(run_unet(unet, inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_tome_matches_tomesd():
+    tomesd = pytest.importorskip("tomesd")
+    unet = agentsd.models.unet_from_config("sd15", tiny=True).eval()
+    inputs = unet_inputs("sd15", latent=(16, 12))
+    theirs = copy.deepcopy(unet)
+    tomesd.apply_patch(theirs, ratio=0.5, sx=2, sy=2, max_downsample=1, use_rand=False)
+    agentsd.apply_patch(unet, 0.5, sx=2, sy=2, agent_ratio=0.0, max_downsample=1, use_rand=False)
+    torch.testing.assert_close(run_unet(unet, inputs), run_unet(theirs, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_ratio_zero_is_the_unpatched_model(unet, kind):
+    inputs = unet_inputs(kind)
+    baseline = run_unet(unet, inputs)
+    agentsd.apply_patch(unet, 0.0, **AGENT_STAGE)
+    assert torch.equal(run_unet(unet, inputs), baseline)
+
+
+def test_remove_patch_restores_exactly(unet, kind):
+    inputs = unet_inputs(kind)
+    baseline = run_unet(unet, inputs)
+    processors = unet.attn_processors
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+
+    agentsd.apply_patch(unet, 0.5, **AGENT_STAGE, merge_crossattn=True, merge_mlp=True)
+    patched = unet.state_dict()
+    assert patched.keys() == state.keys()
+    assert all(torch.equal(patched[k], v) for k, v in state.items())
+    assert sum(isinstance(p, AgentSDAttnProcessor) for p in unet.attn_processors.values()) > 0
+    assert not torch.equal(run_unet(unet, inputs), baseline)
+
+    agentsd.remove_patch(unet)
+    agentsd.remove_patch(unet)  # twice is harmless
+    assert torch.equal(run_unet(unet, inputs), baseline)
+    assert all(unet.attn_processors[k] is p for k, p in processors.items())
+    assert not agentsd.is_patched(unet)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in unet.modules())
+
+
+def test_reapply_replaces_the_old_patch(unet, kind):
+    inputs = unet_inputs(kind)
+    agentsd.apply_patch(unet, 0.4, **TOME_STAGE, use_rand=False)
+    tome = run_unet(unet, inputs)
+    agentsd.apply_patch(unet, 0.4, **AGENT_STAGE, use_rand=False)
+    agent = run_unet(unet, inputs)
+    agentsd.apply_patch(unet, 0.4, **TOME_STAGE, use_rand=False)
+    assert torch.equal(run_unet(unet, inputs), tome)
+    assert not torch.equal(agent, tome)
+    hooks = sum(len(m._forward_pre_hooks) for m in unet.modules())
+    blocks = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
+    assert hooks == blocks + 1  # one per block and the UNet's: nothing left from earlier patches
+
+
+def test_cross_attention_and_mlp_merging_change_the_output(unet, kind):
+    inputs = unet_inputs(kind)
+    agentsd.apply_patch(unet, 0.5, **TOME_STAGE, use_rand=False)
+    attn_only = run_unet(unet, inputs)
+    for flags in (dict(merge_crossattn=True), dict(merge_mlp=True)):
+        agentsd.apply_patch(unet, 0.5, **TOME_STAGE, use_rand=False, **flags)
+        out = run_unet(unet, inputs)
+        assert torch.isfinite(out).all()
+        assert (out - attn_only).abs().max() > 1e-4, flags
+
+
+def test_random_destinations_follow_seed_and_timestep(unet, kind):
+    sample, _, context, kwargs = unet_inputs(kind)
+
+    def run(seed, timestep, batch=2):
+        agentsd.apply_patch(unet, 0.5, **AGENT_STAGE, seed=seed)
+        with torch.no_grad():
+            return unet(sample[:batch], torch.tensor(timestep), context[:batch], **_slice(kwargs, batch)).sample
+
+    assert torch.equal(run(0, 981), run(0, 981))  # reproducible from the seed
+    assert not torch.equal(run(0, 981), run(1, 981))  # another seed, other destinations
+    agentsd.apply_patch(unet, 0.5, **AGENT_STAGE, use_rand=False)
+    with torch.no_grad():
+        top_left = unet(sample[:1], torch.tensor(981), context[:1], **_slice(kwargs, 1)).sample
+    assert torch.equal(run(0, 981, batch=1), top_left)  # odd batch: no randomness
+
+
+def _slice(kwargs, batch):
+    if "added_cond_kwargs" not in kwargs:
+        return kwargs
+    return {"added_cond_kwargs": {k: v[:batch] for k, v in kwargs["added_cond_kwargs"].items()}}
