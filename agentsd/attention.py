@@ -29,15 +29,15 @@ class AgentSDAttnProcessor:
         if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.slot.shape[1]:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
-        merged = merge(hidden_states, plan.slot, plan.num_slots)
-        if plan.agent_slot is not None and encoder_hidden_states is None:
-            agents = merge(hidden_states, plan.agent_slot, plan.num_agents)
+        merged = merge(hidden_states, plan)
+        if plan.num_agent_merged is not None and encoder_hidden_states is None:
+            agents = merge(hidden_states, plan, agents=True)
             out = self.agent_attention(attn, merged, agents)
         elif self.upcast:
             out = self.float32_attention(attn, merged, encoder_hidden_states)
         else:
             out = self.original(attn, merged, encoder_hidden_states, None, **kwargs)
-        return unmerge(out, plan.slot)
+        return unmerge(out, plan)
 
     def agent_attention(self, attn, x: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
         """x (B, N - t, C), agents (B, n, C) -> (B, N - t, C)."""

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import kernels
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -37,10 +39,26 @@ class Destinations(NamedTuple):
 
 
 class MergePlan(NamedTuple):
-    slot: torch.Tensor  # (B, N) int64: slot of each token in the merged sequence
-    num_slots: int  # N - t
-    agent_slot: torch.Tensor | None  # (B, N) int64: slot of each token among the agents
-    num_agents: int  # n = N - t_a
+    """Steps 2-4 for one block: which sources merge where, for the merged sequence and the agents."""
+
+    destinations: Destinations
+    best_dst: torch.Tensor  # (B, N) int64: each token's most similar destination
+    order: torch.Tensor  # (B, N) int64: tokens by descending best similarity, destinations last
+    rank: torch.Tensor  # (B, N) int64: each token's place in `order`
+    slot: torch.Tensor  # (B, N) int64: each token's slot in the merged sequence
+    num_merged: int  # t
+    num_agent_merged: int | None  # t_a; None: no agents
+    # GPU kernels only: tokens sorted by destination group (B, N) and where each group starts (B, D + 1)
+    members: torch.Tensor | None = None
+    group_start: torch.Tensor | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot.shape[1] - self.num_merged
+
+    @property
+    def num_agents(self) -> int:
+        return self.slot.shape[1] - self.num_agent_merged
 
 
 def token_grid(latent_size: tuple[int, int], num_tokens: int) -> Grid:
@@ -59,7 +77,7 @@ def merge_counts(num_tokens: int, num_dst: int, ratio: float, agent_ratio: float
     requested = int(num_tokens * ratio)  # the official code floors with int(), so do we
     num_src = num_tokens - num_dst
     num_merged = min(requested, num_src)
-    if num_merged <= 0:
+    if num_merged <= 0 or num_dst == 0:
         return 0, None
     num_agent_merged = min(int(num_tokens * agent_ratio), num_src)
     if 2 * (num_tokens - num_agent_merged) < num_tokens - num_merged:
@@ -95,6 +113,8 @@ def choose_destinations(grid: Grid, sy: int, sx: int, key=None, device=None) -> 
     """Step 1: one destination per complete sy x sx cell, random when `key` is given, else top-left."""
     cells_y, cells_x = grid.height // sy, grid.width // sx
     num_tokens = grid.height * grid.width
+    if device is not None and kernels.available(device):
+        return Destinations(*kernels.destinations(grid.height, grid.width, sy, sx, grid.downsample, key, device))
     cell = torch.arange(cells_y * cells_x, device=device)
     if key is None:
         offset = torch.zeros_like(cell)
@@ -115,35 +135,57 @@ def plan_merge(
     """Steps 2-4: match every source to its most similar destination and rank the sources.
 
     metric (B, N, C): the block input X. The first `num_merged` sources in order of best cosine
-    similarity merge into their destination; `num_agent_merged` does the same for the agents.
+    similarity merge into their destination; the first `num_agent_merged` for the agents.
     """
-    batch, num_tokens, _ = metric.shape
+    score, best_dst = best_destination(metric, destinations)
+    order = score.argsort(dim=-1, descending=True)
     num_dst = destinations.index.numel()
+    if kernels.available(metric):
+        rank, slot, group = kernels.rank_and_slots(
+            order, best_dst, destinations.is_dst, destinations.slot, num_dst, num_merged
+        )
+        group, members = group.sort(dim=-1, stable=True)
+        bounds = torch.arange(num_dst + 1, device=metric.device).expand(group.shape[0], -1).contiguous()
+        group_start = torch.searchsorted(group, bounds)
+        return MergePlan(destinations, best_dst, order, rank, slot, num_merged, num_agent_merged, members, group_start)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    slot = _slots(destinations, best_dst, rank, num_merged)
+    return MergePlan(destinations, best_dst, order, rank, slot, num_merged, num_agent_merged)
+
+
+def best_destination(metric: torch.Tensor, destinations: Destinations) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, C) -> cosine similarity to the most similar destination and its index, both (B, N).
+
+    Destinations score -inf, so that they rank after every source and are never merged.
+    """
+    if kernels.available(metric):
+        return kernels.best_destination(metric, destinations.index, destinations.is_dst)
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    similarity = metric @ metric[:, destinations.index].transpose(1, 2)  # (B, N, D)
-    best_score, best_dst = similarity.max(dim=-1)  # (B, N)
-    # Destinations rank after every source, so they are never among the merged.
-    best_score = best_score.masked_fill(destinations.is_dst, -math.inf)
-    order = best_score.argsort(dim=-1, descending=True)
-    positions = torch.arange(num_tokens, device=metric.device).expand(batch, num_tokens)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-
-    def slots(merged: int) -> torch.Tensor:
-        source_slot = torch.where(rank < merged, best_dst, rank + (num_dst - merged))
-        return torch.where(destinations.is_dst, destinations.slot, source_slot)
-
-    if num_agent_merged is None:
-        return MergePlan(slots(num_merged), num_tokens - num_merged, None, 0)
-    return MergePlan(slots(num_merged), num_tokens - num_merged, slots(num_agent_merged), num_tokens - num_agent_merged)
+    score, best_dst = (metric @ metric[:, destinations.index].transpose(1, 2)).max(dim=-1)  # (B, N, D) -> (B, N)
+    return score.masked_fill(destinations.is_dst, -math.inf), best_dst
 
 
-def merge(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """(B, N, C) -> (B, num_slots, C): the mean of the tokens in each slot."""
-    index = slot.unsqueeze(-1).expand_as(x)
-    out = x.new_zeros(x.shape[0], num_slots, x.shape[-1])
-    return out.scatter_reduce_(1, index, x, reduce="mean", include_self=False)
+def _slots(destinations: Destinations, best_dst: torch.Tensor, rank: torch.Tensor, num_merged: int) -> torch.Tensor:
+    """Sources of rank r < t join their best destination's slot, the others get slot D + r - t;
+    destinations keep their cell's slot."""
+    num_dst = destinations.index.numel()
+    source_slot = torch.where(rank < num_merged, best_dst, rank + (num_dst - num_merged))
+    return torch.where(destinations.is_dst, destinations.slot, source_slot)
 
 
-def unmerge(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """(B, num_slots, C) -> (B, N, C): every token takes the value of its slot."""
-    return x.gather(1, slot.unsqueeze(-1).expand(*slot.shape, x.shape[-1]))
+def merge(x: torch.Tensor, plan: MergePlan, agents: bool = False) -> torch.Tensor:
+    """(B, N, C) -> (B, N - t, C), or the agents (B, n, C): the mean of the tokens of each slot."""
+    num_merged = plan.num_agent_merged if agents else plan.num_merged
+    if kernels.available(x):
+        return kernels.merge_groups(
+            x, plan.members, plan.group_start, plan.order, plan.rank, plan.destinations.is_dst,
+            plan.destinations.index.numel(), num_merged,
+        )  # fmt: skip
+    slot = _slots(plan.destinations, plan.best_dst, plan.rank, num_merged) if agents else plan.slot
+    out = x.new_zeros(x.shape[0], x.shape[1] - num_merged, x.shape[-1])
+    return out.scatter_reduce_(1, slot.unsqueeze(-1).expand_as(x), x, reduce="mean", include_self=False)
+
+
+def unmerge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """(B, N - t, C) -> (B, N, C): every token takes the value of its slot."""
+    return x.gather(1, plan.slot.unsqueeze(-1).expand(*plan.slot.shape, x.shape[-1]))

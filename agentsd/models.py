@@ -43,6 +43,12 @@ UNET_CONFIGS = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL}
 # (text length, width) of the prompt embeddings each UNet takes
 CONTEXT = {"sd15": (77, 768), "sd21": (77, 1024), "sdxl": (77, 2048)}
 
+# The SD 1.x/2.x/SDXL VAE (8x downsampling)
+SD_VAE = dict(
+    block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+)  # fmt: skip
+
 # Same block layout, a few channels (GroupNorm groups shrunk to fit).
 _TINY_TIME_DIM = 8
 _TINY_POOLED_DIM = 32
@@ -72,6 +78,25 @@ def unet_from_config(kind: str, *, tiny: bool = False, seed: int = 0) -> UNet2DC
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(**configs[kind])
+
+
+def random_pipeline(kind: str, *, seed: int = 0):
+    """A full-size pipeline with random weights and no text encoders, for timing: call it with
+    prompt_embeds (and for SDXL pooled_prompt_embeds), shaped as CONTEXT says."""
+    unet = unet_from_config(kind, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**SD_VAE)
+    if kind != "sdxl":
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+            scheduler=PNDMScheduler(**_SCHEDULER, skip_prk_steps=True), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=EulerDiscreteScheduler(**{k: v for k, v in _SCHEDULER.items() if k != "set_alpha_to_one"}),
+    )  # fmt: skip
 
 
 def tiny_pipeline(kind: str = "sd15", *, seed: int = 0):

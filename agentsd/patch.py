@@ -186,6 +186,8 @@ class UNetPatch:
         self.stage = self.tracker.stage
         # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
         use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
+        if torch.is_tensor(timestep):
+            timestep = timestep.to(sample.device)
         self.key = random_key(self.config.seed, timestep) if use_rand else None
         self.destinations = {}
 
@@ -221,10 +223,10 @@ class BlockMerge:
         plan = self.plan
         if plan is None or not args or args[0].shape[1] != plan.slot.shape[1]:
             return None
-        return (merge(args[0], plan.slot, plan.num_slots), *args[1:])
+        return (merge(args[0], plan), *args[1:])
 
     def unmerge_output(self, module, args, output):
         plan = self.plan
         if plan is None or not args or args[0].shape[1] != plan.num_slots:
             return None
-        return unmerge(output, plan.slot)
+        return unmerge(output, plan)

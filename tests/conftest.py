@@ -1,11 +1,22 @@
 """Tiny random-weight models for the tests, built locally (no downloads)."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # run the Triton kernels in its CPU interpreter (read at triton import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from agentsd.models import TINY_UNET_CONFIGS, tiny_pipeline, unet_from_config
 
 KINDS = ("sd15", "sd21", "sdxl")
+# AGENTSD_TEST_DEVICE=cuda runs the model tests on the GPU (with the Triton kernels).
+DEVICE = os.environ.get("AGENTSD_TEST_DEVICE", "cpu")
+
+
+def tiny_unet(kind):
+    return unet_from_config(kind, tiny=True).to(DEVICE).eval()
 
 
 def unet_inputs(kind, batch=2, latent=(10, 14), seed=0):
@@ -21,7 +32,9 @@ def unet_inputs(kind, batch=2, latent=(10, 14), seed=0):
             "text_embeds": torch.randn(batch, pooled, generator=g),
             "time_ids": torch.tensor([[8 * latent[0], 8 * latent[1], 0, 0, 8 * latent[0], 8 * latent[1]]] * batch).float(),
         }
-    return sample, torch.tensor(981), context, kwargs
+    if kind == "sdxl":
+        kwargs["added_cond_kwargs"] = {k: v.to(DEVICE) for k, v in kwargs["added_cond_kwargs"].items()}
+    return sample.to(DEVICE), torch.tensor(981, device=DEVICE), context.to(DEVICE), kwargs
 
 
 @pytest.fixture(params=KINDS)
@@ -31,7 +44,7 @@ def kind(request):
 
 @pytest.fixture
 def unet(kind):
-    return unet_from_config(kind, tiny=True).eval()
+    return tiny_unet(kind)
 
 
 @pytest.fixture

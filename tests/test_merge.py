@@ -63,12 +63,13 @@ def test_plan_merges_the_most_similar_sources():
     dst = choose_destinations(Grid(1, 2, 2), 2, 2)
     plan = plan_merge(x, dst, num_merged=2, num_agent_merged=3)
     # token 1 is most similar to the destination, then token 3; token 2 stays alone
-    assert plan.num_slots == 2 and plan.slot.tolist() == [[0, 0, 1, 0]]
-    assert plan.num_agents == 1 and plan.agent_slot.tolist() == [[0, 0, 0, 0]]
-    merged = merge(x, plan.slot, plan.num_slots)
+    assert plan.order.tolist() == [[1, 3, 2, 0]] and plan.num_slots == 2 and plan.slot.tolist() == [[0, 0, 1, 0]]
+    merged = merge(x, plan)
     torch.testing.assert_close(merged[0, 0], x[0, [0, 1, 3]].mean(0))  # the destination counts in the mean
     torch.testing.assert_close(merged[0, 1], x[0, 2])
-    torch.testing.assert_close(unmerge(merged, plan.slot)[0], merged[0, [0, 0, 1, 0]])
+    torch.testing.assert_close(unmerge(merged, plan)[0], merged[0, [0, 0, 1, 0]])
+    assert plan.num_agents == 1
+    torch.testing.assert_close(merge(x, plan, agents=True)[0, 0], x[0].mean(0))
 
 
 def test_merge_then_unmerge_keeps_slot_means():
@@ -79,7 +80,7 @@ def test_merge_then_unmerge_keeps_slot_means():
     assert plan.slot.min() >= 0 and plan.slot.max() == plan.num_slots - 1
     for b in range(2):
         assert len(plan.slot[b].unique()) == plan.num_slots  # every slot is used
-    merged = merge(x, plan.slot, plan.num_slots)
+    merged = merge(x, plan)
     assert merged.shape == (2, 6 * 9 - 20, 8)
     # merging the unmerged result again changes nothing: each slot holds the mean of its tokens
-    torch.testing.assert_close(merge(unmerge(merged, plan.slot), plan.slot, plan.num_slots), merged)
+    torch.testing.assert_close(merge(unmerge(merged, plan), plan), merged)

@@ -9,7 +9,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 from agentsd.attention import AgentSDAttnProcessor
-from conftest import run_unet, unet_inputs
+from conftest import run_unet, tiny_unet, unet_inputs
 from reference import reference_block_forward
 
 AGENT_STAGE = dict(sx=4, sy=4, agent_ratio=0.95)
@@ -44,7 +44,7 @@ def test_matches_reference(unet, kind, stage, batch):
 
 
 def test_matches_reference_two_levels_fp32_precision():
-    unet = agentsd.models.unet_from_config("sd15", tiny=True).eval()
+    unet = tiny_unet("sd15")
     latent = (9, 13)
     inputs = unet_inputs("sd15", latent=latent)
     expected = run_unet(reference_unet(unet, latent, TOME_STAGE, 0.5, max_downsample=2), inputs)
@@ -54,7 +54,7 @@ def test_matches_reference_two_levels_fp32_precision():
 
 def test_plain_tome_matches_tomesd():
     tomesd = pytest.importorskip("tomesd")
-    unet = agentsd.models.unet_from_config("sd15", tiny=True).eval()
+    unet = tiny_unet("sd15")
     inputs = unet_inputs("sd15", latent=(16, 12))
     theirs = copy.deepcopy(unet)
     tomesd.apply_patch(theirs, ratio=0.5, sx=2, sy=2, max_downsample=1, use_rand=False)
@@ -121,13 +121,13 @@ def test_random_destinations_follow_seed_and_timestep(unet, kind):
     def run(seed, timestep, batch=2):
         agentsd.apply_patch(unet, 0.5, **AGENT_STAGE, seed=seed)
         with torch.no_grad():
-            return unet(sample[:batch], torch.tensor(timestep), context[:batch], **_slice(kwargs, batch)).sample
+            return unet(sample[:batch], torch.tensor(timestep, device=sample.device), context[:batch], **_slice(kwargs, batch)).sample
 
     assert torch.equal(run(0, 981), run(0, 981))  # reproducible from the seed
     assert not torch.equal(run(0, 981), run(1, 981))  # another seed, other destinations
     agentsd.apply_patch(unet, 0.5, **AGENT_STAGE, use_rand=False)
     with torch.no_grad():
-        top_left = unet(sample[:1], torch.tensor(981), context[:1], **_slice(kwargs, 1)).sample
+        top_left = unet(sample[:1], torch.tensor(981, device=sample.device), context[:1], **_slice(kwargs, 1)).sample
     assert torch.equal(run(0, 981, batch=1), top_left)  # odd batch: no randomness
 
 

@@ -30,5 +30,5 @@ def agent_attention(
     agent_values = F.scaled_dot_product_attention(agents, k, v, attn_mask=mask, scale=scale)
     out = F.scaled_dot_product_attention(q, agents, agent_values, scale=scale if agent_scale is None else agent_scale)
     if shortcut:
-        out = out + shortcut * v
+        out = torch.add(out, v, alpha=shortcut)
     return out

@@ -1,0 +1,81 @@
+"""Attention processors that the speed benchmark compares agentsd with (benchmark use only).
+
+- NoCoreProcessor: every projection, no attention core: no method that only speeds up the core can
+  beat it (the "nocore" ceiling of shared/PERFORMANCE.md).
+- ToDoProcessor: ToDo (Smith et al. 2024, "ToDo: Token Downsampling for Efficient Generation of
+  High-Resolution Images", arXiv 2402.13573): keys and values from the level's tokens downsampled
+  2x2 by nearest neighbour, queries kept.
+- FreePlanProcessor: an agentsd stage whose merge plan costs nothing (fixed indices, gathers only):
+  the best any implementation of that stage can do.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from diffusers.models.attention import BasicTransformerBlock
+
+from agentsd.attention import AgentSDAttnProcessor
+from agentsd.merge import merge_counts
+
+
+def blocks_up_to(unet, max_downsample: int):
+    """(downsample, block) of the BasicTransformerBlocks at levels downsampled at most `max_downsample`."""
+    last = len(unet.up_blocks) - 1
+    levels = [(2**i, b) for i, b in enumerate(unet.down_blocks)] + [(2**last, unet.mid_block)]
+    levels += [(2 ** (last - i), b) for i, b in enumerate(unet.up_blocks)]
+    return [
+        (level, m) for level, b in levels if level <= max_downsample for m in b.modules() if isinstance(m, BasicTransformerBlock)
+    ]
+
+
+def _heads(attn, x):
+    return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
+
+
+def _out(attn, x):
+    return attn.to_out[1](attn.to_out[0](rearrange(x, "b h n d -> b n (h d)")))
+
+
+class NoCoreProcessor:
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        return attn.to_out[1](attn.to_out[0](v + 0 * (q + k)))  # 0 * (q + k) keeps q and k alive under compile
+
+
+class ToDoProcessor:
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        grid = rearrange(hidden_states, "b (h w) c -> b h w c", h=self.height, w=self.width)
+        context = rearrange(grid[:, ::2, ::2], "b h w c -> b (h w) c")  # nearest-neighbour 2x2 downsampling
+        q, k, v = _heads(attn, attn.to_q(hidden_states)), _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context))
+        return _out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
+
+
+class FreePlanProcessor(AgentSDAttnProcessor):
+    """A stage with fixed gather indices in place of the merge plan and the merge."""
+
+    def __init__(self, num_tokens: int, num_dst: int, ratio: float, agent_ratio: float, device):
+        super().__init__(None, None, k_scale2=0.3, k_shortcut=0.075, upcast=False)
+        num_merged, num_agent_merged = merge_counts(num_tokens, num_dst, ratio, agent_ratio)
+        kept = num_tokens - num_merged
+        spread = lambda count: torch.arange(count, device=device) * num_tokens // count  # noqa: E731
+        self.keep = spread(kept)
+        self.back = torch.arange(num_tokens, device=device) * kept // num_tokens
+        self.agents = None if num_agent_merged is None else spread(num_tokens - num_agent_merged)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        merged = hidden_states.index_select(1, self.keep)
+        if self.agents is not None:
+            out = self.agent_attention(attn, merged, hidden_states.index_select(1, self.agents))
+        else:
+            q, k, v = (_heads(attn, proj(merged)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+            out = _out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
+        return out.index_select(1, self.back)
+
+
+def grid_of(latent_size, downsample):
+    return math.ceil(latent_size[0] / downsample), math.ceil(latent_size[1] / downsample)

@@ -1,0 +1,335 @@
+"""Speed and memory of one UNet call and of whole generations: SDPA baseline, the nocore ceiling,
+public tomesd, ToDo, agentsd's agent and ToMe stages, the paper's schedule, and free-plan bounds.
+
+    python scripts/speed_benchmark.py --quick            # a subset, under 3 minutes on an H100
+    python scripts/speed_benchmark.py                    # every config, eager and CUDA graph
+    python scripts/speed_benchmark.py --modes compile --configs sd15-1024 sd15-2048
+    python scripts/speed_benchmark.py --generation sd15-512 sd15-1024 --configs
+
+Random-weight UNets from the public configs (speed does not depend on weight values), fp16,
+classifier-free-guidance batch 2, one UNet call; median of --reps calls timed with CUDA events
+after warm-up; every variant of a config in one process, so they compare as ratios. Peak memory
+is read in eager mode before any CUDA graph of the config exists. Without CUDA it runs a tiny
+configuration on the CPU, which only checks that the script works.
+"""
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import agentsd  # noqa: E402
+from agentsd.models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, unet_from_config  # noqa: E402
+from bench_processors import FreePlanProcessor, NoCoreProcessor, ToDoProcessor, blocks_up_to, grid_of  # noqa: E402
+
+CONFIGS = {
+    "sd15-512": ("sd15", 512), "sd15-768": ("sd15", 768), "sd15-1024": ("sd15", 1024), "sd15-2048": ("sd15", 2048),
+    "sdxl-1024": ("sdxl", 1024), "sdxl-2048": ("sdxl", 2048), "sd21-768": ("sd21", 768),
+}  # fmt: skip
+DEFAULT_CONFIGS = ["sd15-512", "sd15-768", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048"]
+VARIANTS = ["sdpa", "nocore", "tomesd", "todo", "agent", "free-agent", "tome", "free-tome"]
+STAGES = {"agent": dict(sx=4, sy=4, agent_ratio=0.95), "tome": dict(sx=2, sy=2, agent_ratio=0.5)}
+SCHEDULE = {"agent": 0.4, "tome": 0.6}  # the paper's split of the trajectory
+TOP_LEVEL = {"sd15": 1, "sd21": 1, "sdxl": 2}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="*", default=None, choices=sorted(CONFIGS), help="model-resolution pairs")
+    parser.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph", "compile"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.4, 0.5])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--generation", nargs="*", default=[], choices=sorted(CONFIGS),
+                        help="also time whole 50-step generations at these configs")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="sd15 512 and 1024, ratio 0.4, eager and graph")
+    parser.add_argument("--out", default="outputs/speed")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    configs = DEFAULT_CONFIGS if args.configs is None else args.configs
+    if args.quick:
+        configs, args.ratios, args.reps = ["sd15-512", "sd15-1024"], [0.4], 10
+        args.modes = [m for m in args.modes if m != "compile"]
+    if not cuda:  # a smoke test of the script on the CPU: one tiny config
+        configs, args.reps, args.steps = ["tiny-sd15"], 2, 3
+        args.modes = ["eager"]
+        args.generation = ["tiny-sd15"] if args.generation else []
+    device = torch.device("cuda" if cuda else "cpu")
+
+    rows, memory_rows, generation_rows = [], [], []
+    for config in configs:
+        kind, size = ("sd15", 64) if config == "tiny-sd15" else CONFIGS[config]
+        unet = unet_from_config(kind, tiny=config.startswith("tiny")).to(device, torch.float16 if cuda else torch.float32).eval()
+        inputs = unet_inputs(unet, kind, size, device)
+        measure(unet, inputs, "eager", args.reps, device)  # warm the GPU clocks and kernels before the first variant
+        for ratio in args.ratios:
+            for mode in args.modes:
+                for name in args.variants:
+                    if mode == "compile" and name == "tomesd":
+                        continue
+                    row = dict(config=config, mode=mode, variant=name, ratio=ratio)
+                    try:
+                        with variant(unet, kind, name, ratio, inputs[0].shape[-2:]):
+                            row["ms"] = measure(unet, inputs, mode, args.reps, device)
+                            if mode == "eager" and cuda:
+                                memory_rows.append(dict(row, ms=None, peak_gb=peak_memory(unet, inputs)))
+                    except Exception as error:  # tomesd cannot be captured, for example: report it
+                        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                add_schedule_rows(rows, config, mode, ratio)
+        del unet, inputs
+        gc.collect()
+        torch.cuda.empty_cache() if cuda else None
+
+    for config in args.generation:
+        generation_rows += generation(config, args.steps, device)
+
+    write_outputs(Path(args.out), rows, memory_rows, generation_rows, device)
+
+
+def unet_inputs(unet, kind, size, device):
+    """Positional arguments of UNet2DConditionModel.forward for one CFG call."""
+    batch, dtype = 2, unet.dtype
+    latent = size // 8
+    text_len, width = (77, TINY_UNET_CONFIGS[kind]["cross_attention_dim"]) if unet.config.block_out_channels[0] < 64 else CONTEXT[kind]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    sample = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
+    context = torch.randn(batch, text_len, width, generator=g).to(device, dtype)
+    added = None
+    if kind == "sdxl":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {
+            "text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype),
+        }
+    # positional, as pipelines call it (tomesd's hook reads the sample from args[0])
+    return sample, torch.tensor(981, device=device), context, None, None, None, None, added
+
+
+@contextlib.contextmanager
+def variant(unet, kind, name, ratio, latent_size):
+    top = TOP_LEVEL[kind]
+    if name == "sdpa":
+        yield
+    elif name in STAGES:
+        agentsd.apply_patch(unet, ratio, **STAGES[name], seed=0)
+        try:
+            yield
+        finally:
+            agentsd.remove_patch(unet)
+    elif name == "tomesd":
+        import tomesd
+
+        tomesd.apply_patch(unet, ratio=ratio, max_downsample=top)
+        try:
+            yield
+        finally:
+            tomesd.remove_patch(unet)
+    else:
+        originals = {}
+        for downsample, block in blocks_up_to(unet, top):
+            h, w = grid_of(latent_size, downsample)
+            if name == "nocore":
+                processor = NoCoreProcessor()
+            elif name == "todo":
+                processor = ToDoProcessor(h, w)
+            else:
+                stage = STAGES[name.removeprefix("free-")]
+                num_dst = (h // stage["sy"]) * (w // stage["sx"])
+                processor = FreePlanProcessor(h * w, num_dst, ratio, stage["agent_ratio"], unet.device)
+            originals[block.attn1] = block.attn1.processor
+            block.attn1.set_processor(processor)
+        try:
+            yield
+        finally:
+            for attn, processor in originals.items():
+                attn.set_processor(processor)
+
+
+@torch.no_grad()
+def measure(unet, inputs, mode, reps, device):
+    """Median milliseconds of one call."""
+    call = lambda: unet(*inputs)  # noqa: E731
+    if device.type != "cuda":
+        call()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    run = call
+    if mode == "compile":
+        torch._dynamo.reset()
+        compiled = torch.compile(unet, fullgraph=True)
+        run = lambda: compiled(*inputs)  # noqa: E731
+    for _ in range(5):
+        run()
+    if mode == "graph":
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        run = graph.replay
+        for _ in range(3):
+            run()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    if mode == "graph":
+        del graph
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def peak_memory(unet, inputs):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    unet(*inputs)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def add_schedule_rows(rows, config, mode, ratio):
+    """The paper's schedule, weighted 40% agent stage and 60% ToMe stage (and its free-plan bound)."""
+    by_name = {r["variant"]: r.get("ms") for r in rows if (r["config"], r["mode"], r["ratio"]) == (config, mode, ratio)}
+    for name, parts in (("schedule", ("agent", "tome")), ("free-schedule", ("free-agent", "free-tome"))):
+        if all(by_name.get(p) for p in parts):
+            ms = sum(SCHEDULE[p.removeprefix("free-")] * by_name[p] for p in parts)
+            rows.append(dict(config=config, mode=mode, variant=name, ratio=ratio, ms=ms))
+
+
+@torch.no_grad()
+def generation(config, steps, device):
+    """Seconds and peak GB per image of whole generations (random weights, prompt embeddings passed in)."""
+    kind, size = ("sd15", 64) if config == "tiny-sd15" else CONFIGS[config]
+    if config == "tiny-sd15":
+        pipe = agentsd.models.tiny_pipeline("sd15")
+        width = TINY_UNET_CONFIGS["sd15"]["cross_attention_dim"]
+    else:
+        pipe = random_pipeline(kind)
+        width = CONTEXT[kind][1]
+    pipe = pipe.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    embeds = dict(
+        prompt_embeds=torch.randn(1, 77, width, generator=g).to(device, pipe.unet.dtype),
+        negative_prompt_embeds=torch.randn(1, 77, width, generator=g).to(device, pipe.unet.dtype),
+    )
+    if kind == "sdxl":
+        pooled = pipe.unet.config.projection_class_embeddings_input_dim - 6 * pipe.unet.config.addition_time_embed_dim
+        embeds["pooled_prompt_embeds"] = torch.randn(1, pooled, generator=g).to(device, pipe.unet.dtype)
+        embeds["negative_pooled_prompt_embeds"] = torch.randn(1, pooled, generator=g).to(device, pipe.unet.dtype)
+    rows = []
+    for method in ("baseline", "tomesd", "agentsd"):
+        if method == "tomesd":
+            import tomesd
+
+            tomesd.apply_patch(pipe, ratio=0.4, max_downsample=TOP_LEVEL[kind])
+        elif method == "agentsd":
+            agentsd.apply_patch(pipe, ratio=0.4, seed=0)
+        run = lambda n: pipe(height=size, width=size, num_inference_steps=n, output_type="pil", **embeds)  # noqa: E731
+        run(2)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        run(steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        row = dict(config=config, method=method, ratio=0.4 if method != "baseline" else 0, steps=steps,
+                   s_per_image=seconds, peak_gb=peak)  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if method == "tomesd":
+            tomesd.remove_patch(pipe)
+        elif method == "agentsd":
+            agentsd.remove_patch(pipe)
+    return rows
+
+
+def write_outputs(out: Path, rows, memory_rows, generation_rows, device):
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test, timings meaningless)"
+    header = (f"{name}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+              f"{datetime.date.today().isoformat()}, fp16, CFG batch 2")  # fmt: skip
+    with open(out / "speed.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["config", "mode", "variant", "ratio", "ms", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "speed.json").write_text(json.dumps(dict(header=header, calls=rows, memory=memory_rows,
+                                                    generation=generation_rows), indent=1))  # fmt: skip
+    table = markdown(header, rows, memory_rows, generation_rows)
+    (out / "speed.md").write_text(table)
+    print(table)
+
+
+def markdown(header, rows, memory_rows, generation_rows):
+    lines = [f"Measured on {header}.", ""]
+    keys = sorted({(r["config"], r["mode"], r["ratio"]) for r in rows}, key=lambda k: (k[1], k[0], k[2]))
+    names = [n for n in VARIANTS + ["schedule", "free-schedule"] if any(r["variant"] == n for r in rows)]
+    lines.append("| mode | config | ratio | " + " | ".join(names) + " |")
+    lines.append("|---" * (3 + len(names)) + "|")
+    for config, mode, ratio in keys:
+        cell = {r["variant"]: r for r in rows if (r["config"], r["mode"], r["ratio"]) == (config, mode, ratio)}
+        base = cell.get("sdpa", {}).get("ms")
+        out = []
+        for n in names:
+            r = cell.get(n)
+            if r is None:
+                out.append("")
+            elif r.get("error"):
+                out.append("fails")
+            else:
+                text = f"{r['ms']:.1f} ms"
+                if base:
+                    text += f" ({base / r['ms']:.2f}x"
+                    free = cell.get(f"free-{n}", {}).get("ms") if n in ("agent", "tome", "schedule") else None
+                    text += f", {free / r['ms']:.0%} of free)" if free else ")"
+                out.append(text)
+        lines.append(f"| {mode} | {config} | {ratio} | " + " | ".join(out) + " |")
+    errors = {r["error"] for r in rows if r.get("error")}
+    lines += [""] + [f"- fails: {e}" for e in sorted(errors)]
+    if memory_rows:
+        lines += ["", "Peak GPU memory of one eager call (GB, weights included):", "",
+                  "| config | ratio | " + " | ".join(names[: len(VARIANTS)]) + " |",
+                  "|---" * (2 + len(names[: len(VARIANTS)])) + "|"]  # fmt: skip
+        for config, ratio in sorted({(r["config"], r["ratio"]) for r in memory_rows}):
+            cell = {r["variant"]: r["peak_gb"] for r in memory_rows if (r["config"], r["ratio"]) == (config, ratio)}
+            lines.append(f"| {config} | {ratio} | " + " | ".join(f"{cell[n]:.2f}" if n in cell else "" for n in names[: len(VARIANTS)]) + " |")
+    if generation_rows:
+        lines += ["", "Whole generations (one image, CFG, random weights, eager):", "",
+                  "| config | method | steps | s/image | peak GB/image |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in generation_rows:
+            peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "n/a"
+            lines.append(f"| {r['config']} | {r['method']} | {r['steps']} | {r['s_per_image']:.2f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

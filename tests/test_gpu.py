@@ -1,0 +1,67 @@
+"""On a GPU: a patched UNet captured in a CUDA graph and compiled with the Triton kernels."""
+
+import pytest
+import torch
+
+import agentsd
+from agentsd.models import unet_from_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _setup(dtype=torch.float32):
+    unet = unet_from_config("sd15", tiny=True).to("cuda", dtype).eval()
+    agentsd.apply_patch(unet, 0.5, sx=4, sy=4, agent_ratio=0.95, seed=0)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 24, 20, generator=g).to("cuda", dtype)
+    context = torch.randn(2, 77, 32, generator=g).to("cuda", dtype)
+    return unet, sample, context
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():  # TF32 convolutions pick other algorithms under capture: compare exact float32
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@torch.no_grad()
+def test_deterministic():
+    unet, sample, context = _setup(torch.float16)
+    timestep = torch.tensor(981, device="cuda")
+    assert torch.equal(unet(sample, timestep, context).sample, unet(sample, timestep, context).sample)
+
+
+@torch.no_grad()
+def test_cuda_graph_replays_equal_eager():
+    unet, sample, context = _setup()
+    timestep = torch.tensor(981, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            unet(sample, timestep, context)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = unet(sample, timestep, context).sample
+    replays = []
+    for t in (981, 501, 21):  # a new timestep is a new destination pattern, inside the graph too
+        timestep.fill_(t)
+        graph.replay()
+        replays.append(out.clone())
+        torch.testing.assert_close(out, unet(sample, torch.tensor(t, device="cuda"), context).sample, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(replays[0], replays[1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_compile_with_kernels_equals_eager(dtype):
+    torch._dynamo.reset()
+    unet, sample, context = _setup(dtype)
+    timestep = torch.tensor(981, device="cuda")
+    eager = unet(sample, timestep, context).sample
+    compiled = torch.compile(unet, fullgraph=True)
+    tolerance = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(compiled(sample, timestep, context).sample, eager, rtol=tolerance, atol=tolerance)
