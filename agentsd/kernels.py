@@ -2,12 +2,11 @@
 
 - destinations: the destination pattern of a level in one launch (the torch code takes ~15 tiny ones);
 - best_destination: cosine similarity of every token to every destination, reduced to the best
-  one on the fly, destinations gathered and normalised inside: the (B, N, D) similarity matrix is
-  never written (1 GB per block at 2048px);
-- rank_and_slots: rank, slot and destination group of every token from the sort order, one pass;
-- merge_groups: the mean of each slot's tokens, one program per block of slots, from the tokens
-  sorted by destination group: no atomics, so results are deterministic (scatter-mean with
-  atomics is not), and no float32 scratch buffer.
+  one on the fly: the (B, N, D) similarity matrix is never written (1 GB per block at 2048px);
+- slots_from_order: the slots of every token from the sort order, for both plans in one pass;
+- merge_mean: scatter-mean with atomics on 64-bit fixed point: integer addition does not depend
+  on the order of the atomics, so results are deterministic (float atomics are not), and there is
+  one count per slot (torch's scatter_reduce("mean") keeps one per element).
 """
 
 import os
@@ -77,7 +76,7 @@ if triton is not None:
             triton.Config({"BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_D": 256}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_D": 128}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_D": 128}, num_warps=4, num_stages=3),
         ]
         if not INTERPRET
         else [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})],
@@ -85,57 +84,57 @@ if triton is not None:
     )
     @triton.jit
     def _best_destination_kernel(
-        x_ptr, dst_index_ptr, is_dst_ptr, score_ptr, best_ptr,
-        N, D, C, stride_xb, stride_xn,
+        x_ptr, dst_ptr, is_dst_ptr, score_ptr, best_ptr,
+        N, D, C, stride_xb, stride_xn, stride_db, stride_dd,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(1)
-        x_batch = x_ptr + b * stride_xb
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
+        x_rows = x_ptr + b * stride_xb + rows[:, None] * stride_xn
+        dst_base = dst_ptr + b * stride_db
 
         squared_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            x = tl.load(x_batch + rows[:, None] * stride_xn + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
-            squared_norm += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0).to(tl.float32)
+            squared_norm += tl.sum(x * x, axis=1)
 
-        best_score = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        best_dot = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         best = tl.zeros([BLOCK_M], dtype=tl.int32)
         for d0 in range(0, D, BLOCK_D):
             dsts = d0 + tl.arange(0, BLOCK_D)
-            dst_ok = dsts < D
-            dst_rows = tl.load(dst_index_ptr + dsts, mask=dst_ok, other=0)
             dot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            dst_squared_norm = tl.zeros([BLOCK_D], dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
-                col_ok = cols < C
-                x = tl.load(x_batch + rows[:, None] * stride_xn + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                d = tl.load(x_batch + dst_rows[None, :] * stride_xn + cols[:, None], mask=dst_ok[None, :] & col_ok[:, None], other=0.0)
-                dst_squared_norm += tl.sum(d.to(tl.float32) * d.to(tl.float32), axis=0)
+                x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
+                d = tl.load(
+                    dst_base + dsts[None, :] * stride_dd + cols[:, None],
+                    mask=(dsts[None, :] < D) & (cols[:, None] < C),
+                    other=0.0,
+                )
                 if IEEE:
                     dot = tl.dot(x, d, dot, input_precision="ieee")
                 else:
                     dot = tl.dot(x, d, dot)
-            score = dot / tl.sqrt(tl.where(dst_ok, dst_squared_norm, 1.0))[None, :]
-            score = tl.where(dst_ok[None, :], score, float("-inf"))
-            tile_score = tl.max(score, axis=1)
-            tile_best = tl.argmax(score, axis=1).to(tl.int32) + d0
-            better = tile_score > best_score
-            best_score = tl.where(better, tile_score, best_score)
+            dot = tl.where(dsts[None, :] < D, dot, float("-inf"))
+            tile_best_dot = tl.max(dot, axis=1)
+            tile_best = tl.argmax(dot, axis=1).to(tl.int32) + d0
+            better = tile_best_dot > best_dot
+            best_dot = tl.where(better, tile_best_dot, best_dot)
             best = tl.where(better, tile_best, best)
 
-        score = best_score / tl.sqrt(squared_norm)
+        score = best_dot / tl.sqrt(squared_norm)
         is_dst = tl.load(is_dst_ptr + rows, mask=row_ok, other=0)
         score = tl.where(is_dst != 0, float("-inf"), score)
         tl.store(score_ptr + b * N + rows, score, mask=row_ok)
         tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
 
     @triton.jit
-    def _rank_and_slots_kernel(
-        order_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, rank_ptr, slot_ptr, group_ptr,
-        N, D, num_merged, BLOCK: tl.constexpr,
+    def _slots_kernel(
+        order_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr,
+        N, D, num_merged, num_agent_merged,
+        HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(1)
         rank = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -144,47 +143,40 @@ if triton is not None:
         best = tl.load(best_ptr + b * N + token, mask=ok, other=0)
         is_dst = tl.load(is_dst_ptr + token, mask=ok, other=0) != 0
         own_slot = tl.load(dst_slot_ptr + token, mask=ok, other=0)
-        group = tl.where(is_dst, own_slot, best)
-        slot = tl.where(is_dst | (rank < num_merged), group, rank + (D - num_merged))
-        tl.store(rank_ptr + b * N + token, rank.to(tl.int64), mask=ok)
+        slot = tl.where(is_dst, own_slot, tl.where(rank < num_merged, best, rank + (D - num_merged)))
         tl.store(slot_ptr + b * N + token, slot, mask=ok)
-        tl.store(group_ptr + b * N + token, group, mask=ok)
+        if HAS_AGENTS:
+            agent_slot = tl.where(is_dst, own_slot, tl.where(rank < num_agent_merged, best, rank + (D - num_agent_merged)))
+            tl.store(agent_slot_ptr + b * N + token, agent_slot, mask=ok)
 
     @triton.jit
-    def _merge_groups_kernel(
-        x_ptr, out_ptr, members_ptr, group_start_ptr, order_ptr, rank_ptr, is_dst_ptr,
-        N, C, D, num_slots, num_merged, stride_xb, stride_xn,
-        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    def _scatter_sum_kernel(
+        x_ptr, slot_ptr, sum_ptr, count_ptr,
+        N, C, S, stride_xb, stride_xn,
+        SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        b = tl.program_id(1)
-        x_batch = x_ptr + b * stride_xb
-        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-        s_ok = s < num_slots
-        is_group = s < D  # slots below D are destinations with the sources merged into them
-        start = tl.load(group_start_ptr + b * (D + 1) + s, mask=s_ok & is_group, other=0)
-        end = tl.load(group_start_ptr + b * (D + 1) + s + 1, mask=s_ok & is_group, other=0)
-        length = tl.where(s_ok, tl.where(is_group, end - start, 1), 0)
-        # the other slots hold one unmerged source each, in rank order after the merged ones
-        single = tl.load(order_ptr + b * N + num_merged + s - D, mask=s_ok & ~is_group, other=0)
-        longest = tl.max(length, axis=0)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            col_ok = cols < C
-            total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-            count = tl.zeros([BLOCK_S], dtype=tl.float32)
-            for i in range(0, longest):
-                live = i < length
-                member = tl.load(members_ptr + b * N + start + i, mask=live & is_group, other=0)
-                token = tl.where(is_group, member, single)
-                dst = tl.load(is_dst_ptr + token, mask=live, other=0) != 0
-                merged = tl.load(rank_ptr + b * N + token, mask=live, other=N) < num_merged
-                take = live & (~is_group | dst | merged)
-                rows = tl.load(x_batch + token[:, None] * stride_xn + cols[None, :], mask=take[:, None] & col_ok[None, :], other=0.0)
-                total += rows.to(tl.float32)
-                count += take.to(tl.float32)
-            mean = total / tl.maximum(count, 1.0)[:, None]
-            out = out_ptr + (b * num_slots + s[:, None]) * C + cols[None, :]
-            tl.store(out, mean.to(out_ptr.dtype.element_ty), mask=s_ok[:, None] & col_ok[None, :])
+        b = tl.program_id(2)
+        tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = tokens < N
+        slot = tl.load(slot_ptr + b * N + tokens, mask=ok, other=0)
+        if tl.program_id(1) == 0:
+            tl.atomic_add(count_ptr + b * S + slot, 1, mask=ok)
+        mask = ok[:, None] & (cols[None, :] < C)
+        x = tl.load(x_ptr + b * stride_xb + tokens[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
+        fixed = (x.to(tl.float32) * SCALE).to(tl.int64)
+        tl.atomic_add(sum_ptr + (b * S + slot[:, None]) * C + cols[None, :], fixed, mask=mask)
+
+    @triton.jit
+    def _divide_kernel(sum_ptr, count_ptr, out_ptr, rows, C, SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = r < rows
+        mask = ok[:, None] & (cols[None, :] < C)
+        count = tl.load(count_ptr + r, mask=ok, other=1).to(tl.float32)
+        total = tl.load(sum_ptr + r[:, None] * C + cols[None, :], mask=mask, other=0).to(tl.float32)
+        mean = total * (1.0 / SCALE) / count[:, None]
+        tl.store(out_ptr + r[:, None] * C + cols[None, :], mean.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def destinations(height: int, width: int, sy: int, sx: int, downsample: int, key, device):
@@ -203,44 +195,55 @@ def destinations(height: int, width: int, sy: int, sx: int, downsample: int, key
     return index, slot, is_dst
 
 
-def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Tensor):
-    """x (B, N, C) -> cosine score of the best destination and its index, (B, N) float32 and int64;
-    -inf at destination tokens."""
+def best_destination(x: torch.Tensor, dst_unit: torch.Tensor, is_dst: torch.Tensor):
+    """x (B, N, C), dst_unit (B, D, C) unit-length destinations -> cosine score and index of the
+    best destination, (B, N) float32 and int64; the score is -inf at destination tokens."""
     batch, n_tokens, channels = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = x.contiguous()
+    dst_unit = dst_unit.to(x.dtype).contiguous()
     score = torch.empty(batch, n_tokens, device=x.device, dtype=torch.float32)
     best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), batch)  # noqa: E731
     _best_destination_kernel[grid](
-        x, dst_index, is_dst, score, best, n_tokens, dst_index.numel(), channels, x.stride(0), x.stride(1),
+        x, dst_unit, is_dst, score, best,
+        n_tokens, dst_unit.shape[1], channels, x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1),
         IEEE=x.dtype == torch.float32, BLOCK_C=min(64, max(16, triton.next_power_of_2(channels))),
     )  # fmt: skip
     return score, best
 
 
-def rank_and_slots(order, best, is_dst, dst_slot, num_dst: int, num_merged: int):
-    """order, best (B, N) -> rank, slot and destination group of every token, (B, N) int64 each."""
+def slots_from_order(order, best, is_dst, dst_slot, num_dst: int, num_merged: int, num_agent_merged: int | None):
+    """order, best (B, N) -> slot (B, N) and agent slot (B, N) or None; see merge.plan_merge."""
     batch, n_tokens = order.shape
-    rank, slot, group = (torch.empty_like(order) for _ in range(3))
+    slot = torch.empty_like(order)
+    agent_slot = torch.empty_like(order) if num_agent_merged is not None else slot
     block = 1024 if not INTERPRET else 64
-    _rank_and_slots_kernel[(triton.cdiv(n_tokens, block), batch)](
-        order, best, is_dst, dst_slot, rank, slot, group, n_tokens, num_dst, num_merged, BLOCK=block
-    )
-    return rank, slot, group
+    _slots_kernel[(triton.cdiv(n_tokens, block), batch)](
+        order, best, is_dst, dst_slot, slot, agent_slot, n_tokens, num_dst, num_merged, num_agent_merged or 0,
+        HAS_AGENTS=num_agent_merged is not None, BLOCK=block,
+    )  # fmt: skip
+    return slot, (agent_slot if num_agent_merged is not None else None)
 
 
-def merge_groups(x, members, group_start, order, rank, is_dst, num_dst: int, num_merged: int) -> torch.Tensor:
-    """(B, N, C) -> (B, N - num_merged, C): the mean of every slot's tokens (see merge.merge)."""
+# 2**28 steps per unit: values up to fp16's 65504 summed over ~1000 tokens stay far inside int64
+_FIXED_POINT = float(2**28)
+
+
+def merge_mean(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(B, N, C) -> (B, num_slots, C), the mean of the tokens in each slot, deterministic."""
     batch, n_tokens, channels = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    num_slots = n_tokens - num_merged
-    out = torch.empty(batch, num_slots, channels, device=x.device, dtype=x.dtype)
-    block_s, block_c = (32, min(128, triton.next_power_of_2(channels))) if not INTERPRET else (16, 16)
-    _merge_groups_kernel[(triton.cdiv(num_slots, block_s), batch)](
-        x, out, members, group_start, order, rank, is_dst,
-        n_tokens, channels, num_dst, num_slots, num_merged, x.stride(0), x.stride(1),
-        BLOCK_S=block_s, BLOCK_C=block_c,
+    total = torch.zeros(batch, num_slots, channels, device=x.device, dtype=torch.int64)
+    count = torch.zeros(batch, num_slots, device=x.device, dtype=torch.int32)
+    block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
+    _scatter_sum_kernel[(triton.cdiv(n_tokens, block_t), triton.cdiv(channels, block_c), batch)](
+        x, slot, total, count, n_tokens, channels, num_slots, x.stride(0), x.stride(1),
+        SCALE=_FIXED_POINT, BLOCK_T=block_t, BLOCK_C=block_c,
     )  # fmt: skip
+    out = torch.empty(batch, num_slots, channels, device=x.device, dtype=x.dtype)
+    rows = batch * num_slots
+    _divide_kernel[(triton.cdiv(rows, block_t), triton.cdiv(channels, block_c))](
+        total, count, out, rows, channels, SCALE=_FIXED_POINT, BLOCK_R=block_t, BLOCK_C=block_c
+    )
     return out

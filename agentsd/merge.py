@@ -39,26 +39,16 @@ class Destinations(NamedTuple):
 
 
 class MergePlan(NamedTuple):
-    """Steps 2-4 for one block: which sources merge where, for the merged sequence and the agents."""
+    """Steps 2-4 for one block: the slot of every token, in the merged sequence and among the agents."""
 
-    destinations: Destinations
-    best_dst: torch.Tensor  # (B, N) int64: each token's most similar destination
-    order: torch.Tensor  # (B, N) int64: tokens by descending best similarity, destinations last
-    rank: torch.Tensor  # (B, N) int64: each token's place in `order`
-    slot: torch.Tensor  # (B, N) int64: each token's slot in the merged sequence
-    num_merged: int  # t
-    num_agent_merged: int | None  # t_a; None: no agents
-    # GPU kernels only: tokens sorted by destination group (B, N) and where each group starts (B, D + 1)
-    members: torch.Tensor | None = None
-    group_start: torch.Tensor | None = None
+    slot: torch.Tensor  # (B, N) int64
+    num_merged: int  # t: the merged sequence has N - t slots
+    agent_slot: torch.Tensor | None  # (B, N) int64; None: no agents
+    num_agent_merged: int | None  # t_a: n = N - t_a agents
 
     @property
     def num_slots(self) -> int:
         return self.slot.shape[1] - self.num_merged
-
-    @property
-    def num_agents(self) -> int:
-        return self.slot.shape[1] - self.num_agent_merged
 
 
 def token_grid(latent_size: tuple[int, int], num_tokens: int) -> Grid:
@@ -139,18 +129,8 @@ def plan_merge(
     """
     score, best_dst = best_destination(metric, destinations)
     order = score.argsort(dim=-1, descending=True)
-    num_dst = destinations.index.numel()
-    if kernels.available(metric):
-        rank, slot, group = kernels.rank_and_slots(
-            order, best_dst, destinations.is_dst, destinations.slot, num_dst, num_merged
-        )
-        group, members = group.sort(dim=-1, stable=True)
-        bounds = torch.arange(num_dst + 1, device=metric.device).expand(group.shape[0], -1).contiguous()
-        group_start = torch.searchsorted(group, bounds)
-        return MergePlan(destinations, best_dst, order, rank, slot, num_merged, num_agent_merged, members, group_start)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    slot = _slots(destinations, best_dst, rank, num_merged)
-    return MergePlan(destinations, best_dst, order, rank, slot, num_merged, num_agent_merged)
+    slot, agent_slot = slots_from_order(order, best_dst, destinations, num_merged, num_agent_merged)
+    return MergePlan(slot, num_merged, agent_slot, num_agent_merged)
 
 
 def best_destination(metric: torch.Tensor, destinations: Destinations) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,31 +138,45 @@ def best_destination(metric: torch.Tensor, destinations: Destinations) -> tuple[
 
     Destinations score -inf, so that they rank after every source and are never merged.
     """
+    dst_unit = metric[:, destinations.index]
+    dst_unit = dst_unit / dst_unit.norm(dim=-1, keepdim=True)
     if kernels.available(metric):
-        return kernels.best_destination(metric, destinations.index, destinations.is_dst)
+        return kernels.best_destination(metric, dst_unit, destinations.is_dst)
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    score, best_dst = (metric @ metric[:, destinations.index].transpose(1, 2)).max(dim=-1)  # (B, N, D) -> (B, N)
+    score, best_dst = (metric @ dst_unit.transpose(1, 2)).max(dim=-1)  # (B, N, D) -> (B, N)
     return score.masked_fill(destinations.is_dst, -math.inf), best_dst
 
 
-def _slots(destinations: Destinations, best_dst: torch.Tensor, rank: torch.Tensor, num_merged: int) -> torch.Tensor:
-    """Sources of rank r < t join their best destination's slot, the others get slot D + r - t;
-    destinations keep their cell's slot."""
+def slots_from_order(
+    order: torch.Tensor, best_dst: torch.Tensor, destinations: Destinations, num_merged: int, num_agent_merged: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Slot of every token (B, N), for the merged sequence and for the agents (or None).
+
+    order (B, N): tokens by descending score. The source of rank r < t joins its best
+    destination's slot, the others get slot D + r - t; destinations keep their cell's slot.
+    """
     num_dst = destinations.index.numel()
-    source_slot = torch.where(rank < num_merged, best_dst, rank + (num_dst - num_merged))
-    return torch.where(destinations.is_dst, destinations.slot, source_slot)
+    if kernels.available(order):
+        return kernels.slots_from_order(
+            order, best_dst, destinations.is_dst, destinations.slot, num_dst, num_merged, num_agent_merged
+        )
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+
+    def slots(merged: int) -> torch.Tensor:
+        source_slot = torch.where(rank < merged, best_dst, rank + (num_dst - merged))
+        return torch.where(destinations.is_dst, destinations.slot, source_slot)
+
+    return slots(num_merged), None if num_agent_merged is None else slots(num_agent_merged)
 
 
 def merge(x: torch.Tensor, plan: MergePlan, agents: bool = False) -> torch.Tensor:
     """(B, N, C) -> (B, N - t, C), or the agents (B, n, C): the mean of the tokens of each slot."""
-    num_merged = plan.num_agent_merged if agents else plan.num_merged
+    slot, num_merged = (plan.agent_slot, plan.num_agent_merged) if agents else (plan.slot, plan.num_merged)
+    num_slots = x.shape[1] - num_merged
     if kernels.available(x):
-        return kernels.merge_groups(
-            x, plan.members, plan.group_start, plan.order, plan.rank, plan.destinations.is_dst,
-            plan.destinations.index.numel(), num_merged,
-        )  # fmt: skip
-    slot = _slots(plan.destinations, plan.best_dst, plan.rank, num_merged) if agents else plan.slot
-    out = x.new_zeros(x.shape[0], x.shape[1] - num_merged, x.shape[-1])
+        return kernels.merge_mean(x, slot, num_slots)
+    out = x.new_zeros(x.shape[0], num_slots, x.shape[-1])
     return out.scatter_reduce_(1, slot.unsqueeze(-1).expand_as(x), x, reduce="mean", include_self=False)
 
 

@@ -39,11 +39,11 @@ def test_destinations(torch_path, key):
 def test_best_destination(torch_path, dtype):
     x, dst = inputs(dtype)
     score, best = merge.best_destination(x, dst)
-    k_score, k_best = kernels.best_destination(x, dst.index, dst.is_dst)
+    unit = x.float() / x.float().norm(dim=-1, keepdim=True)
+    k_score, k_best = kernels.best_destination(x, unit[:, dst.index], dst.is_dst)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(k_score, score.float(), rtol=tolerance, atol=tolerance)
     # the index agrees wherever the best destination wins by more than the rounding
-    unit = x.float() / x.float().norm(dim=-1, keepdim=True)
     top2 = (unit @ unit[:, dst.index].transpose(1, 2)).topk(2, dim=-1).values
     clear = top2[..., 0] - top2[..., 1] > 4 * tolerance
     assert clear.float().mean() > 0.8
@@ -52,17 +52,23 @@ def test_best_destination(torch_path, dtype):
 
 
 @pytest.mark.parametrize("agents", [None, 200])
-def test_merge_groups(torch_path, agents):
+def test_slots_from_order(torch_path, agents):
     x, dst = inputs(torch.float32)
-    plan = merge.plan_merge(x, dst, 90, agents)
-    rank, slot, group = kernels.rank_and_slots(plan.order, plan.best_dst, dst.is_dst, dst.slot, dst.index.numel(), 90)
-    assert torch.equal(rank, plan.rank) and torch.equal(slot, plan.slot)
-    group, members = group.sort(dim=-1, stable=True)
-    starts = torch.searchsorted(group, torch.arange(dst.index.numel() + 1, device=DEVICE).expand(2, -1).contiguous())
-    for num_merged, is_agents in ((90, False),) + (((agents, True),) if agents else ()):
-        expected = merge.merge(x, plan, agents=is_agents)
-        got = kernels.merge_groups(x, members, starts, plan.order, plan.rank, dst.is_dst, dst.index.numel(), num_merged)
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    half = kernels.merge_groups(x.half(), members, starts, plan.order, plan.rank, dst.is_dst, dst.index.numel(), 90)
-    assert half.dtype == torch.float16
-    torch.testing.assert_close(half.float(), merge.merge(x, plan), rtol=1e-3, atol=1e-3)
+    score, best = merge.best_destination(x, dst)
+    order = score.argsort(dim=-1, descending=True)
+    expected = merge.slots_from_order(order, best, dst, 90, agents)
+    got = kernels.slots_from_order(order, best, dst.is_dst, dst.slot, dst.index.numel(), 90, agents)
+    assert torch.equal(got[0], expected[0])
+    assert (got[1] is None) == (agents is None) and (agents is None or torch.equal(got[1], expected[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_mean(torch_path, dtype):
+    x, dst = inputs(dtype)
+    plan = merge.plan_merge(x, dst, 100, 200)
+    for agents in (False, True):
+        expected = merge.merge(x.float(), plan, agents=agents)
+        slot = plan.agent_slot if agents else plan.slot
+        got = kernels.merge_mean(x, slot, expected.shape[1])
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-6)
