@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 
 ATTN_PRECISIONS = (None, "fp32")
+# Defaults of apply_patch: the paper's ratio, and the official AgentSD code's k_scale2 and k_shortcut.
+RATIO, K_SCALE2, K_SHORTCUT = 0.4, 0.3, 0.075
 MAX_DOWNSAMPLES = (1, 2, 4, 8)  # the four resolution levels of SD 1.x/2.x UNets (SDXL has three)
 
 
@@ -52,20 +54,20 @@ class AgentSDConfig:
 
 def build_config(
     *,
-    ratio,
-    sx,
-    sy,
-    agent_ratio,
-    schedule,
-    max_downsample,
-    k_scale2,
-    k_shortcut,
-    attn_precision,
-    use_rand,
-    seed,
-    merge_attn,
-    merge_crossattn,
-    merge_mlp,
+    ratio=RATIO,
+    sx=None,
+    sy=None,
+    agent_ratio=None,
+    schedule=None,
+    max_downsample=None,
+    k_scale2=K_SCALE2,
+    k_shortcut=K_SHORTCUT,
+    attn_precision=None,
+    use_rand=True,
+    seed=None,
+    merge_attn=True,
+    merge_crossattn=False,
+    merge_mlp=False,
 ) -> AgentSDConfig:
     """Check every argument of apply_patch; raise TypeError/ValueError naming the parameter."""
     ratio = _ratio("ratio", ratio)

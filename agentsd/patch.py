@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
 from .attention import AgentSDAttnProcessor
-from .config import AgentSDConfig, build_config
+from .config import K_SCALE2, K_SHORTCUT, RATIO, AgentSDConfig, build_config
 from .merge import choose_destinations, merge, merge_counts, plan_merge, random_key, token_grid, unmerge
 from .schedule import StageTracker
 
@@ -28,15 +28,15 @@ SUPPORTED = (
 
 def apply_patch(
     model,
-    ratio: float = 0.4,
+    ratio: float = RATIO,
     *,
     sx: int | None = None,
     sy: int | None = None,
     agent_ratio: float | None = None,
     schedule=None,
     max_downsample: int | None = None,
-    k_scale2: float = 0.3,
-    k_shortcut: float = 0.075,
+    k_scale2: float = K_SCALE2,
+    k_shortcut: float = K_SHORTCUT,
     attn_precision: str | None = None,
     use_rand: bool = True,
     seed: int | None = None,

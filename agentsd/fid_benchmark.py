@@ -1,0 +1,333 @@
+"""FID benchmark of baseline, ToMe and AgentSD: FID, seconds and peak GB per image, as a table and a plot.
+
+    agentsd benchmark --real-dir imagenet-val --out outputs/fid            # the papers' protocol
+    accelerate launch -m agentsd.fid_benchmark --real-dir imagenet-val     # the prompts split over GPUs
+
+The protocol of the ToMe-SD and AgentSD papers by default: "A high quality photograph of a
+{class}." over the 1,000 ImageNet-1k classes, 2 images per class (2,000), 512x512, 50 PNDM (PLMS)
+steps, guidance 7.5, the same seed for image i under every method. FID is torchmetrics'
+FrechetInceptionDistance with torch-fidelity's Inception (the pytorch-fid weights), against a folder
+of real images (--real-dir, center-cropped and resized to the generated size) or pytorch-fid
+statistics (--real-stats, an .npz with mu and sigma). PSNR, SSIM and, where its weights are there,
+LPIPS compare each method's images with the baseline images of the same seed. Images already on disk
+are not generated again, so an interrupted run continues where it stopped.
+"""
+
+import argparse
+import csv
+import importlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from PIL import Image, ImageOps
+
+from .cli import add_model_arguments, resolve_device
+from .generate import Job, generate_images, save_png
+from .patch import remove_patch
+from .pipelines import LoadError, load_pipeline, patch_pipeline, patch_settings
+
+CLASSES_FILE = Path(__file__).parent / "data" / "imagenet_classes.txt"
+TEMPLATE = "A high quality photograph of a {}."  # the ToMe-SD / AgentSD papers' prompt
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".JPEG", ".webp", ".bmp"}
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+
+
+class BenchmarkError(Exception):
+    pass
+
+
+def parse_args(argv=None, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.set_defaults(scheduler="pndm", height=512, width=512, batch_size=4)
+    parser.add_argument("--methods", nargs="+", default=["baseline", "tome", "agentsd"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--images-per-class", type=int, default=2)
+    parser.add_argument("--prompts-file", help="one prompt a line, used in turn, instead of the ImageNet classes")
+    real = parser.add_mutually_exclusive_group()
+    real.add_argument("--real-dir", help="folder of real images, for example 5 ImageNet validation images per class")
+    real.add_argument("--real-stats", help="pytorch-fid statistics of the real images: an .npz with mu and sigma")
+    parser.add_argument("--no-fid", action="store_true", help="only generate and time (no real images needed)")
+    parser.add_argument("--inception-weights", help=f"the Inception weights file, if it cannot be downloaded ({INCEPTION_URL})")
+    parser.add_argument("--features", help="module:callable giving another feature network for FID (tests, experiments)")
+    parser.add_argument("--out", default="outputs/fid")
+    args = parser.parse_args(argv)
+    args.parser = parser
+    return args
+
+
+def main(argv=None, prog=None) -> None:
+    args = parse_args(argv, prog)
+    try:
+        run(args)
+    except (BenchmarkError, LoadError) as error:
+        args.parser.error(str(error))
+
+
+def run(args, feature=None) -> list[dict] | None:
+    """Generate every run's missing images, then (main process) measure and write the results."""
+    runs = check(args)
+    # On a machine without CUDA, `accelerate launch --multi_gpu` gives CPU processes only with cpu=True.
+    state = PartialState(cpu=args.device == "cpu" or (args.device is None and not torch.cuda.is_available()))
+    device, dtype = resolve_device(args) if state.num_processes == 1 else (str(state.device), resolve_device(args)[1])
+    metric = make_fid(args, feature, device) if not args.no_fid else None  # fails before any generation
+    pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
+    out = Path(args.out)
+    jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts(args))]
+
+    for name, method, settings in runs:
+        folder = out / "images" / name
+        missing = [job for job in jobs if not (folder / f"{job.index:05d}.png").exists()]
+        batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
+        mine = [job for batch in batches[state.process_index :: state.num_processes] for job in batch]
+        if mine:
+            patch_pipeline(pipe, settings)
+            metadata = dict(model=args.model, method=method, steps=args.steps, guidance=args.guidance, settings=settings)
+            stats = generate_images(
+                pipe, mine, save=lambda job, image: _save(folder, job, image, metadata), steps=args.steps,
+                guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
+                progress=state.is_main_process,
+            )  # fmt: skip
+            remove_patch(pipe)
+            timing = dict(seconds=stats.timed_seconds, images=stats.timed_images, peak_gb=stats.peak_gb)
+            (out / "runs").mkdir(parents=True, exist_ok=True)
+            (out / "runs" / f"{name}.rank{state.process_index}.json").write_text(json.dumps(timing))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    results = measure(args, runs, jobs, metric, device)
+    write_results(out, results)
+    return results
+
+
+def check(args) -> list[tuple[str, str, dict]]:
+    """Every input checked before anything is written: (run name, method, apply_patch settings)."""
+    if args.num_images < 1 or args.batch_size < 1 or args.images_per_class < 1:
+        raise BenchmarkError("--num-images, --batch-size and --images-per-class must be at least 1")
+    if "baseline" not in args.methods:
+        args.methods = ["baseline", *args.methods]  # speed-ups and paired scores are against it
+    runs = []
+    for method in dict.fromkeys(args.methods):
+        for ratio in [0.0] if method == "baseline" else args.ratios:
+            try:
+                settings = patch_settings(method, ratio, seed=args.seed)
+            except (TypeError, ValueError) as error:
+                raise BenchmarkError(f"{error} (--methods {method} --ratios {ratio})") from None
+            runs.append((method if method == "baseline" else f"{method}-{ratio:g}", method, settings))
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file() or not [line for line in path.read_text().splitlines() if line.strip()]:
+            raise BenchmarkError(f"--prompts-file {path} is missing or has no prompts (one a line)")
+    if not args.no_fid:
+        if args.real_dir is None and args.real_stats is None:
+            raise BenchmarkError("FID needs --real-dir or --real-stats (or --no-fid to only generate and time)")
+        if args.real_dir is not None and not _image_files(Path(args.real_dir)):
+            raise BenchmarkError(f"--real-dir {args.real_dir} does not exist or holds no images")
+        if args.real_stats is not None and not Path(args.real_stats).is_file():
+            raise BenchmarkError(f"--real-stats {args.real_stats} does not exist")
+    return runs
+
+
+def prompts(args) -> list[str]:
+    if args.prompts_file:
+        lines = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        return [lines[i % len(lines)] for i in range(args.num_images)]
+    classes = CLASSES_FILE.read_text().splitlines()
+    return [TEMPLATE.format(classes[(i // args.images_per_class) % len(classes)]) for i in range(args.num_images)]
+
+
+def _save(folder: Path, job, image, metadata):
+    path = folder / f"{job.index:05d}.png"
+    partial = path.with_suffix(".partial.png")  # a run killed mid-write leaves no truncated PNG to skip
+    save_png(partial, image, dict(prompt=job.prompt, seed=job.seed, **metadata))
+    os.replace(partial, path)
+
+
+def make_fid(args, feature, device):
+    """torchmetrics' FID with the pytorch-fid Inception (or `feature`), with its real statistics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if feature is None and args.features:
+        module, _, name = args.features.partition(":")
+        feature = getattr(importlib.import_module(module), name)()
+    try:
+        metric = FrechetInceptionDistance(
+            feature=2048 if feature is None else feature, normalize=True, reset_real_features=False,
+            sync_on_compute=False,  # only the main process measures
+            **({"feature_extractor_weights_path": args.inception_weights} if feature is None else {}),
+        )  # fmt: skip
+    except Exception as error:
+        raise BenchmarkError(
+            f"could not load the Inception network for FID ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "It needs the torch-fidelity package (pip install torch-fidelity) and its weights file: download "
+            f"{INCEPTION_URL} and pass it as --inception-weights, or place it in torch's hub cache "
+            f"({torch.hub.get_dir()}/checkpoints/); --no-fid skips FID"
+        ) from None
+    return metric.to(device)
+
+
+def add_real_images(metric, args, device) -> None:
+    if args.real_stats:
+        stats = np.load(args.real_stats)
+        set_real_statistics(metric, stats["mu"], stats["sigma"])
+    else:
+        for batch in _batches(_image_files(Path(args.real_dir)), 32):
+            metric.update(_load(batch, (args.width, args.height), device), real=True)
+
+
+def set_real_statistics(metric, mu, sigma) -> None:
+    """Put pytorch-fid statistics into a FrechetInceptionDistance, inverting what its compute() reads."""
+    n = 2  # any count > 1 gives back exactly this mean and covariance
+    mu = torch.as_tensor(np.asarray(mu), dtype=torch.float64, device=metric.device)
+    sigma = torch.as_tensor(np.asarray(sigma), dtype=torch.float64, device=metric.device)
+    metric.real_features_sum = mu * n
+    metric.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+    metric.real_features_num_samples = torch.tensor(n, device=metric.device)
+
+
+def real_statistics(metric) -> tuple[np.ndarray, np.ndarray]:
+    n = metric.real_features_num_samples
+    mu = metric.real_features_sum / n
+    sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The Frechet distance of two Gaussians, by torchmetrics' FID formula."""
+    from torchmetrics.image.fid import _compute_fid
+
+    as64 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+    return float(_compute_fid(as64(mu1), as64(sigma1), as64(mu2), as64(sigma2)))
+
+
+def measure(args, runs, jobs, metric, device) -> list[dict]:
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    out = Path(args.out)
+    if metric is not None:
+        add_real_images(metric, args, device)
+    lpips = _lpips(device)
+    results = []
+    for name, method, settings in runs:
+        timings = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{name}.rank*.json"))]
+        seconds, images = sum(t["seconds"] for t in timings), sum(t["images"] for t in timings)
+        peaks = [t["peak_gb"] for t in timings if t["peak_gb"] is not None]
+        row = dict(run=name, method=method, ratio=settings.get("ratio", 0.0), images=len(jobs),
+                   s_per_image=seconds / images if images else None, gb_per_image=max(peaks) if peaks else None)  # fmt: skip
+        files = [out / "images" / name / f"{job.index:05d}.png" for job in jobs]
+        base = [out / "images" / "baseline" / f"{job.index:05d}.png" for job in jobs]
+        if metric is not None:
+            metric.reset()
+        psnr = ssim = lp = 0.0
+        for batch, base_batch in zip(_batches(files, 32), _batches(base, 32)):
+            images = _load(batch, None, device)
+            if metric is not None:
+                metric.update(images, real=False)
+            if method != "baseline":
+                reference = _load(base_batch, None, device)
+                psnr += float(peak_signal_noise_ratio(images, reference, data_range=1.0, dim=(1, 2, 3))) * len(batch)
+                ssim += float(structural_similarity_index_measure(images, reference, data_range=1.0)) * len(batch)
+                lp += float(lpips(images, reference)) * len(batch) if lpips else 0.0
+        row["fid"] = float(metric.compute()) if metric is not None else None
+        paired = method != "baseline"
+        row.update(psnr=psnr / len(jobs) if paired else None, ssim=ssim / len(jobs) if paired else None,
+                   lpips=lp / len(jobs) if paired and lpips else None)  # fmt: skip
+        results.append(row)
+    baseline = results[0]
+    for row in results:
+        row["speedup"] = _ratio(baseline["s_per_image"], row["s_per_image"])
+        row["memory_saving"] = _ratio(baseline["gb_per_image"], row["gb_per_image"])
+    if metric is not None:
+        mu, sigma = real_statistics(metric)
+        np.savez(out / "real_stats.npz", mu=mu, sigma=sigma)  # pytorch-fid format: --real-stats next time
+    return results
+
+
+def write_results(out: Path, results: list[dict]) -> None:
+    fields = ["run", "method", "ratio", "images", "fid", "s_per_image", "gb_per_image", "speedup", "memory_saving",
+              "psnr", "ssim", "lpips"]  # fmt: skip
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "fid_vs_time.png")
+    print(markdown(results))
+
+
+def markdown(results: list[dict]) -> str:
+    fmt = lambda v, spec, unit="": "n/a" if v is None else format(v, spec) + unit  # noqa: E731
+    lines = ["| method | ratio | FID | s/image | GB/image | speed-up | memory saving | PSNR | SSIM | LPIPS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['ratio']:g} | {fmt(r['fid'], '.2f')} | {fmt(r['s_per_image'], '.3f')} | "
+            f"{fmt(r['gb_per_image'], '.2f')} | {fmt(r['speedup'], '.2f', 'x')} | {fmt(r['memory_saving'], '.2f', 'x')} | "
+            f"{fmt(r['psnr'], '.2f')} | {fmt(r['ssim'], '.3f')} | {fmt(r['lpips'], '.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in results):
+        rows = [r for r in results if r["method"] == method and r["fid"] is not None and r["s_per_image"]]
+        if rows:
+            ax.plot([r["s_per_image"] for r in rows], [r["fid"] for r in rows], marker="*" if method == "baseline" else "o",
+                    label=method)  # fmt: skip
+            for r in rows:
+                if method != "baseline":
+                    ax.annotate(f"{r['ratio']:g}", (r["s_per_image"], r["fid"]), fontsize=7)
+    ax.set_xlabel("seconds per image")
+    ax.set_ylabel("FID")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _lpips(device):
+    try:  # needs torchvision and downloadable AlexNet weights
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(device)
+    except Exception:
+        return None
+
+
+def _ratio(base, value):
+    return base / value if base and value else None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+def _batches(items, size):
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _load(paths, size, device) -> torch.Tensor:
+    """Images as float (B, 3, H, W) in [0, 1]; real ones center-cropped and resized to `size`."""
+    images = []
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        if size is not None:
+            image = ImageOps.fit(image, size, Image.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return torch.stack(images).to(device).float() / 255
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Generating images with a pipeline: batches with one seed per image, progress bars over images
+and steps, PNG files whose metadata regenerate them, and seconds and peak memory per image."""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Job:
+    index: int
+    prompt: str
+    seed: int
+
+
+@dataclass
+class GenerationStats:
+    images: int = 0
+    timed_images: int = 0  # the first batch warms up and is left out when there are others
+    timed_seconds: float = 0.0
+    peak_gb: float | None = None  # largest peak of a batch, over its size
+
+    @property
+    def seconds_per_image(self) -> float | None:
+        return self.timed_seconds / self.timed_images if self.timed_images else None
+
+
+def generate_images(pipe, jobs: list[Job], *, save, steps: int, guidance: float, height: int, width: int,
+                    batch_size: int, progress: bool = True) -> GenerationStats:  # fmt: skip
+    """Run `jobs` in batches and call save(job, image) for each. Image i depends only on its prompt,
+    seed and the settings, not on the batch it falls in (one CPU generator per image)."""
+    device = pipe.device
+    cuda = device.type == "cuda"
+    stats = GenerationStats()
+    pipe.set_progress_bar_config(disable=True)
+    images_bar = tqdm(total=len(jobs), desc="images", unit="img", disable=not progress)
+    steps_bar = tqdm(total=steps, desc="steps", unit="step", leave=False, disable=not progress)
+
+    def step_done(pipeline, step, timestep, callback_kwargs):
+        steps_bar.update(1)
+        return callback_kwargs
+
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    for number, batch in enumerate(batches):
+        steps_bar.reset(total=steps)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        images = pipe(
+            prompt=[job.prompt for job in batch], num_inference_steps=steps, guidance_scale=guidance,
+            height=height, width=width, generator=[torch.Generator().manual_seed(job.seed) for job in batch],
+            callback_on_step_end=step_done,
+        ).images  # fmt: skip
+        if cuda:
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 / len(batch)
+            stats.peak_gb = max(stats.peak_gb or 0.0, peak)
+        if number > 0 or len(batches) == 1:
+            stats.timed_seconds += time.perf_counter() - start
+            stats.timed_images += len(batch)
+        for job, image in zip(batch, images):
+            save(job, image)
+        stats.images += len(batch)
+        images_bar.update(len(batch))
+    steps_bar.close()
+    images_bar.close()
+    return stats
+
+
+def save_png(path: Path, image, metadata: dict) -> None:
+    """A PNG with `metadata` in its text chunks: each key, and all of it as JSON under "agentsd"."""
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    info.add_text("agentsd", json.dumps(metadata))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
