@@ -22,3 +22,11 @@ def test_speed_benchmark_smoke(tmp_path):
     assert all(float(r["ms"]) > 0 for r in rows if not r["error"])
     table = (tmp_path / "speed.md").read_text()
     assert "| eager | tiny-sd15 | 0.4 |" in table and "Whole generations" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke configuration")
+def test_nn_benchmark_smoke(tmp_path):
+    script = SCRIPT.parent / "nn_benchmark.py"
+    result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 1024 | agent (plain) |" in (tmp_path / "nn.md").read_text()

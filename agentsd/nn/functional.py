@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def agent_attention(
@@ -14,7 +15,9 @@ def agent_attention(
     agent_scale: float | None = None,
     shortcut: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    talking_heads: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_agent_values: bool = False,
+):
     """Agents gather from the keys and values, then broadcast to the queries.
 
         V_A = softmax(scale * A K^T) V              (B, H, n, d)
@@ -24,11 +27,29 @@ def agent_attention(
     ordinary softmax attentions, so each is one fused scaled_dot_product_attention call.
     `scale` defaults to d**-0.5 and `agent_scale` to `scale`. `key_padding_mask` (B, Nk), True
     where a key is real, keeps padded keys out of what the agents gather. The shortcut adds V
-    itself, so it needs Nq == Nk.
+    itself, so it needs Nq == Nk. `talking_heads` = (gather mix, broadcast mix), two (H, H)
+    matrices that mix the attention maps across heads after the softmax (Shazeer et al. 2020,
+    "Talking-Heads Attention", arXiv 2003.02436). `return_agent_values` also returns V_A.
     """
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    agent_values = F.scaled_dot_product_attention(agents, k, v, attn_mask=mask, scale=scale)
-    out = F.scaled_dot_product_attention(q, agents, agent_values, scale=scale if agent_scale is None else agent_scale)
+    gather_mix, broadcast_mix = talking_heads if talking_heads is not None else (None, None)
+    agent_values = _attention(agents, k, v, gather_mix, mask, scale)
+    out = _attention(q, agents, agent_values, broadcast_mix, None, scale if agent_scale is None else agent_scale)
     if shortcut:
         out = torch.add(out, v, alpha=shortcut)
-    return out
+    return (out, agent_values) if return_agent_values else out
+
+
+def _attention(q, k, v, mix, mask, scale):
+    """softmax(scale q k^T) v, the maps mixed across heads by `mix` (H, H) when given.
+
+    (sum_g mix[h, g] P_g) V_h = sum_g mix[h, g] (P_g V_h): each head's map attends over every
+    head's values in one SDPA call (values H*d wide), then a small einsum mixes the results.
+    """
+    if mix is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    heads = v.shape[1]
+    every_value = rearrange(v, "b h l d -> b 1 l (h d)").expand(-1, heads, -1, -1)
+    out = F.scaled_dot_product_attention(q, k, every_value, attn_mask=mask, scale=scale)
+    out = rearrange(out, "b g n (h d) -> b g h n d", h=heads)
+    return torch.einsum("hg,bghnd->bhnd", mix.to(out.dtype), out)
