@@ -24,9 +24,13 @@ ENABLED = os.environ.get("AGENTSD_KERNELS", "1") != "0"  # AGENTSD_KERNELS=0 run
 
 
 def available(x) -> bool:
-    """Whether the kernels run for a tensor or device."""
+    """Whether the kernels run for a tensor or device: on CUDA, eager and in CUDA graphs.
+
+    Under torch.compile the torch code runs (inductor compiles it): torch.compile with these kernels
+    inside has not been checked on a GPU yet, the torch code has (on the CPU, in the tests).
+    """
     device = x.device if torch.is_tensor(x) else torch.device(x)
-    return triton is not None and ENABLED and device.type == "cuda"
+    return triton is not None and ENABLED and device.type == "cuda" and not torch.compiler.is_compiling()
 
 
 if triton is not None:

@@ -129,7 +129,7 @@ class UNetPatch:
         self.tracker = StageTracker(config.stages)
         self.handles = [unet.register_forward_pre_hook(self.before_unet, with_kwargs=True)]
         self.processors = []  # (attn1, our processor) to restore
-        self.pipe_ref = None
+        self.progress_bar_wrapper = None  # (weak pipe, wrapper) to undo
         # Per call, set by before_unet:
         self.latent_size = None
         self.stage = config.stages[0]
@@ -164,7 +164,7 @@ class UNetPatch:
             return original(*args, **kwargs)
 
         pipe.progress_bar = progress_bar
-        self.pipe_ref = (pipe_ref, progress_bar)
+        self.progress_bar_wrapper = (pipe_ref, progress_bar)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -173,8 +173,8 @@ class UNetPatch:
             if attn.processor is processor:  # the user may have set another processor since
                 attn.set_processor(processor.original)
         self.tracker.unfollow()
-        if self.pipe_ref is not None:
-            pipe_ref, progress_bar = self.pipe_ref
+        if self.progress_bar_wrapper is not None:
+            pipe_ref, progress_bar = self.progress_bar_wrapper
             pipe = pipe_ref()
             if pipe is not None and pipe.__dict__.get("progress_bar") is progress_bar:
                 del pipe.__dict__["progress_bar"]

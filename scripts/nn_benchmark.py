@@ -8,8 +8,6 @@ Without CUDA it runs tiny sizes on the CPU, only to check that the script works.
 import argparse
 import datetime
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from agentsd.nn import AgentSelfAttention
+from timing import median_ms
 
 
 class FullSelfAttention(nn.Module):
@@ -30,25 +29,6 @@ class FullSelfAttention(nn.Module):
     def forward(self, x):
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         return self.to_out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
-
-
-def timed(fn, reps, cuda):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -76,8 +56,8 @@ def main(argv=None):
             forward = lambda: layer(x)  # noqa: E731
             backward = lambda: layer(x).sum().backward()  # noqa: E731
             with torch.no_grad():
-                forward_ms = timed(forward, args.reps, cuda)
-            train_ms = timed(backward, args.reps, cuda)
+                forward_ms = median_ms(forward, args.reps)
+            train_ms = median_ms(backward, args.reps)
             peak = None
             if cuda:
                 torch.cuda.synchronize()

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agentsd  # noqa: E402
 from agentsd.models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, unet_from_config  # noqa: E402
 from bench_processors import FreePlanProcessor, NoCoreProcessor, ToDoProcessor, blocks_up_to, grid_of  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 CONFIGS = {
     "sd15-512": ("sd15", 512), "sd15-768": ("sd15", 768), "sd15-1024": ("sd15", 1024), "sd15-2048": ("sd15", 2048),
@@ -169,47 +170,24 @@ def variant(unet, kind, name, ratio, latent_size):
 
 @torch.no_grad()
 def measure(unet, inputs, mode, reps, device):
-    """Median milliseconds of one call."""
+    """Median milliseconds of one call in `mode`: eager, a replayed CUDA graph, or torch.compile."""
     call = lambda: unet(*inputs)  # noqa: E731
-    if device.type != "cuda":
-        call()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    run = call
+    if device.type != "cuda" or mode == "eager":
+        return median_ms(call, reps, warmup=5)
     if mode == "compile":
         torch._dynamo.reset()
         compiled = torch.compile(unet, fullgraph=True)
-        run = lambda: compiled(*inputs)  # noqa: E731
-    for _ in range(5):
-        run()
-    if mode == "graph":
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        run = graph.replay
+        return median_ms(lambda: compiled(*inputs), reps, warmup=5)  # the first call compiles
+    stream = torch.cuda.Stream()  # warm up on a side stream before capture, as CUDA graphs require
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
         for _ in range(3):
-            run()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    if mode == "graph":
-        del graph
-    return statistics.median(times)
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return median_ms(graph.replay, reps)
 
 
 @torch.no_grad()
@@ -299,10 +277,13 @@ def write_outputs(out: Path, rows, memory_rows, generation_rows, device):
 
 def markdown(header, rows, memory_rows, generation_rows):
     lines = [f"Measured on {header}.", ""]
+    if not rows:
+        lines.append("(no single-call timings in this run)")
     keys = sorted({(r["config"], r["mode"], r["ratio"]) for r in rows}, key=lambda k: (k[1], k[0], k[2]))
     names = [n for n in VARIANTS + ["schedule", "free-schedule"] if any(r["variant"] == n for r in rows)]
-    lines.append("| mode | config | ratio | " + " | ".join(names) + " |")
-    lines.append("|---" * (3 + len(names)) + "|")
+    if rows:
+        lines.append("| mode | config | ratio | " + " | ".join(names) + " |")
+        lines.append("|---" * (3 + len(names)) + "|")
     for config, mode, ratio in keys:
         cell = {r["variant"]: r for r in rows if (r["config"], r["mode"], r["ratio"]) == (config, mode, ratio)}
         base = cell.get("sdpa", {}).get("ms")

@@ -57,7 +57,7 @@ def reference_self_attention(attn, x, y, h, w, *, sx, sy, ratio, agent_ratio, k_
     use_agents = 2 * (n_tokens - t_a) < n_tokens - t
     scale = attn.scale
 
-    out = torch.zeros(batch, n_tokens, attn.to_out[0].out_features, dtype=torch.float64)
+    out = torch.zeros(batch, n_tokens, attn.to_out[0].out_features, dtype=torch.float64, device=x.device)
     for b in range(batch):
         yb = y[b].double()
         if requested <= 0:  # the block runs unpatched

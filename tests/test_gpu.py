@@ -57,7 +57,7 @@ def test_cuda_graph_replays_equal_eager():
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_compile_with_kernels_equals_eager(dtype):
+def test_compile_equals_eager(dtype):
     torch._dynamo.reset()
     unet, sample, context = _setup(dtype)
     timestep = torch.tensor(981, device="cuda")
