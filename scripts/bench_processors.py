@@ -30,12 +30,7 @@ def blocks_up_to(unet, max_downsample: int):
     ]
 
 
-def _heads(attn, x):
-    return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
-
-
-def _out(attn, x):
-    return attn.to_out[1](attn.to_out[0](rearrange(x, "b h n d -> b n (h d)")))
+_heads, _out = AgentSDAttnProcessor._heads, AgentSDAttnProcessor._out
 
 
 class NoCoreProcessor:
