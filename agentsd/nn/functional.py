@@ -1,8 +1,9 @@
 """Agent attention as one op (Han et al., "Agent Attention", ECCV 2024, arXiv 2312.08874)."""
 
+import math
+
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 
 def agent_attention(
@@ -24,7 +25,8 @@ def agent_attention(
         O   = softmax(agent_scale * Q A^T) V_A + shortcut * V
 
     q (B, H, Nq, d), agents (B, H, n, d), k and v (B, H, Nk, d) -> (B, H, Nq, d). Both products are
-    ordinary softmax attentions, so each is one fused scaled_dot_product_attention call.
+    ordinary softmax attentions, so each is one fused scaled_dot_product_attention call (with
+talking heads the maps are written out, to be mixed).
     `scale` defaults to d**-0.5 and `agent_scale` to `scale`. `key_padding_mask` (B, Nk), True
     where a key is real, keeps padded keys out of what the agents gather. The shortcut adds V
     itself, so it needs Nq == Nk. `talking_heads` = (gather mix, broadcast mix), two (H, H)
@@ -43,13 +45,16 @@ def agent_attention(
 def _attention(q, k, v, mix, mask, scale):
     """softmax(scale q k^T) v, the maps mixed across heads by `mix` (H, H) when given.
 
-    (sum_g mix[h, g] P_g) V_h = sum_g mix[h, g] (P_g V_h): each head's map attends over every
-    head's values in one SDPA call (values H*d wide), then a small einsum mixes the results.
+    The mixed maps are written out: with few agents a map is (N x n) or (n x N), linear in N, and
+    its backward is a few matmuls (letting every head's map attend over every head's values
+    instead keeps SDPA but makes its backward H times wider, which is slower).
     """
     if mix is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    heads = v.shape[1]
-    every_value = rearrange(v, "b h l d -> b 1 l (h d)").expand(-1, heads, -1, -1)
-    out = F.scaled_dot_product_attention(q, k, every_value, attn_mask=mask, scale=scale)
-    out = rearrange(out, "b g n (h d) -> b g h n d", h=heads)
-    return torch.einsum("hg,bghnd->bhnd", mix.to(out.dtype), out)
+    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -math.inf)
+    maps = logits.softmax(dim=-1)
+    batch, heads, rows, cols = maps.shape
+    mixed = (mix.to(maps.dtype) @ maps.reshape(batch, heads, rows * cols)).view_as(maps)
+    return mixed @ v
