@@ -26,7 +26,7 @@ def agent_attention(
 
     q (B, H, Nq, d), agents (B, H, n, d), k and v (B, H, Nk, d) -> (B, H, Nq, d). Both products are
     ordinary softmax attentions, so each is one fused scaled_dot_product_attention call (with
-talking heads the maps are written out, to be mixed).
+    talking heads the maps are written out, to be mixed).
     `scale` defaults to d**-0.5 and `agent_scale` to `scale`. `key_padding_mask` (B, Nk), True
     where a key is real, keeps padded keys out of what the agents gather. The shortcut adds V
     itself, so it needs Nq == Nk. `talking_heads` = (gather mix, broadcast mix), two (H, H)
