@@ -83,6 +83,7 @@ def run(args, feature=None) -> list[dict] | None:
     for name, method, settings in runs:
         folder = out / "images" / name
         missing = [job for job in jobs if not (folder / f"{job.index:05d}.png").exists()]
+        state.wait_for_everyone()  # every process lists `missing` before any writes, or they split it differently
         batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
         mine = [job for batch in batches[state.process_index :: state.num_processes] for job in batch]
         if mine:
