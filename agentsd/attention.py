@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .merge import merge, unmerge
+from .merge import merge, merge_with_agents, unmerge
 from .nn.functional import agent_attention
 
 
@@ -29,11 +29,10 @@ class AgentSDAttnProcessor:
         if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.slot.shape[1]:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
-        merged = merge(hidden_states, plan)
         if plan.num_agent_merged is not None and encoder_hidden_states is None:
-            agents = merge(hidden_states, plan, agents=True)
-            out = self.agent_attention(attn, merged, agents)
-        elif self.upcast:
+            return unmerge(self.agent_attention(attn, *merge_with_agents(hidden_states, plan)), plan)
+        merged = merge(hidden_states, plan)
+        if self.upcast:
             out = self.float32_attention(attn, merged, encoder_hidden_states)
         else:
             out = self.original(attn, merged, encoder_hidden_states, None, **kwargs)
@@ -65,5 +64,5 @@ class AgentSDAttnProcessor:
 
     @staticmethod
     def _out(attn, x: torch.Tensor) -> torch.Tensor:
-        x = rearrange(x, "b h n d -> b n (h d)")
-        return attn.to_out[1](attn.to_out[0](x)) / attn.rescale_output_factor
+        x = attn.to_out[1](attn.to_out[0](rearrange(x, "b h n d -> b n (h d)")))
+        return x if attn.rescale_output_factor == 1 else x / attn.rescale_output_factor  # one launch less

@@ -45,6 +45,7 @@ class MergePlan(NamedTuple):
     num_merged: int  # t: the merged sequence has N - t slots
     agent_slot: torch.Tensor | None  # (B, N) int64; None: no agents
     num_agent_merged: int | None  # t_a: n = N - t_a agents
+    destinations: Destinations
 
     @property
     def num_slots(self) -> int:
@@ -92,6 +93,8 @@ def random_key(seed: int, timestep) -> torch.Tensor | int:
     reproducible from its seed. The key stays on the timestep's device (no host sync, fine
     inside CUDA graphs and torch.compile).
     """
+    if torch.is_tensor(timestep) and kernels.available(timestep):
+        return kernels.random_key(seed, timestep)
     if torch.is_tensor(timestep):
         bits = timestep.reshape(-1)[0].to(torch.float32).view(torch.int32).to(torch.int64) & _MASK32
     else:
@@ -122,15 +125,14 @@ def choose_destinations(grid: Grid, sy: int, sx: int, key=None, device=None) -> 
 def plan_merge(
     metric: torch.Tensor, destinations: Destinations, num_merged: int, num_agent_merged: int | None = None
 ) -> MergePlan:
-    """Steps 2-4: match every source to its most similar destination and rank the sources.
+    """Steps 2-4: match every source to its most similar destination and pick the most similar sources.
 
-    metric (B, N, C): the block input X. The first `num_merged` sources in order of best cosine
-    similarity merge into their destination; the first `num_agent_merged` for the agents.
+    metric (B, N, C): the block input X. The `num_merged` sources of best cosine similarity merge
+    into their destination (ties go to the lower token index); `num_agent_merged` for the agents.
     """
     score, best_dst = best_destination(metric, destinations)
-    order = score.argsort(dim=-1, descending=True)
-    slot, agent_slot = slots_from_order(order, best_dst, destinations, num_merged, num_agent_merged)
-    return MergePlan(slot, num_merged, agent_slot, num_agent_merged)
+    slot, agent_slot = assign_slots(score, best_dst, destinations, num_merged, num_agent_merged)
+    return MergePlan(slot, num_merged, agent_slot, num_agent_merged, destinations)
 
 
 def best_destination(metric: torch.Tensor, destinations: Destinations) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,28 +140,27 @@ def best_destination(metric: torch.Tensor, destinations: Destinations) -> tuple[
 
     Destinations score -inf, so that they rank after every source and are never merged.
     """
-    dst_unit = metric[:, destinations.index]
-    dst_unit = dst_unit / dst_unit.norm(dim=-1, keepdim=True)
     if kernels.available(metric):
-        return kernels.best_destination(metric, dst_unit, destinations.is_dst)
+        return kernels.best_destination(metric, destinations.index, destinations.is_dst)
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    score, best_dst = (metric @ dst_unit.transpose(1, 2)).max(dim=-1)  # (B, N, D) -> (B, N)
+    score, best_dst = (metric @ metric[:, destinations.index].transpose(1, 2)).max(dim=-1)  # (B, N, D) -> (B, N)
     return score.masked_fill(destinations.is_dst, -math.inf), best_dst
 
 
-def slots_from_order(
-    order: torch.Tensor, best_dst: torch.Tensor, destinations: Destinations, num_merged: int, num_agent_merged: int | None
+def assign_slots(
+    score: torch.Tensor, best_dst: torch.Tensor, destinations: Destinations, num_merged: int, num_agent_merged: int | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Slot of every token (B, N), for the merged sequence and for the agents (or None).
 
-    order (B, N): tokens by descending score. The source of rank r < t joins its best
-    destination's slot, the others get slot D + r - t; destinations keep their cell's slot.
+    Tokens are ranked by descending score, ties by token index. The source of rank r < t joins its
+    best destination's slot, the others get slot D + r - t; destinations keep their cell's slot.
     """
     num_dst = destinations.index.numel()
-    if kernels.available(order):
-        return kernels.slots_from_order(
-            order, best_dst, destinations.is_dst, destinations.slot, num_dst, num_merged, num_agent_merged
+    if kernels.available(score):
+        return kernels.assign_slots(
+            score, best_dst, destinations.is_dst, destinations.slot, num_dst, num_merged, num_agent_merged
         )
+    order = score.argsort(dim=-1, descending=True, stable=True)
     positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)
 
@@ -170,12 +171,24 @@ def slots_from_order(
     return slots(num_merged), None if num_agent_merged is None else slots(num_agent_merged)
 
 
-def merge(x: torch.Tensor, plan: MergePlan, agents: bool = False) -> torch.Tensor:
-    """(B, N, C) -> (B, N - t, C), or the agents (B, n, C): the mean of the tokens of each slot."""
-    slot, num_merged = (plan.agent_slot, plan.num_agent_merged) if agents else (plan.slot, plan.num_merged)
-    num_slots = x.shape[1] - num_merged
+def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """(B, N, C) -> (B, N - t, C): the mean of the tokens of each slot."""
     if kernels.available(x):
-        return kernels.merge_mean(x, slot, num_slots)
+        dst = plan.destinations
+        return kernels.merge_mean(x, plan.slot, None, dst.index, dst.is_dst, plan.num_slots, None)[0]
+    return _scatter_mean(x, plan.slot, plan.num_slots)
+
+
+def merge_with_agents(x: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, C) -> the merged sequence (B, N - t, C) and the agents (B, n, C), in one pass on CUDA."""
+    num_agents = x.shape[1] - plan.num_agent_merged
+    if kernels.available(x):
+        dst = plan.destinations
+        return kernels.merge_mean(x, plan.slot, plan.agent_slot, dst.index, dst.is_dst, plan.num_slots, num_agents)
+    return _scatter_mean(x, plan.slot, plan.num_slots), _scatter_mean(x, plan.agent_slot, num_agents)
+
+
+def _scatter_mean(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
     out = x.new_zeros(x.shape[0], num_slots, x.shape[-1])
     return out.scatter_reduce_(1, slot.unsqueeze(-1).expand_as(x), x, reduce="mean", include_self=False)
 

@@ -7,6 +7,7 @@ from agentsd.merge import (
     Grid,
     choose_destinations,
     merge,
+    merge_with_agents,
     merge_counts,
     plan_merge,
     random_key,
@@ -69,7 +70,7 @@ def test_plan_merges_the_most_similar_sources():
     torch.testing.assert_close(merged[0, 1], x[0, 2])
     torch.testing.assert_close(unmerge(merged, plan)[0], merged[0, [0, 0, 1, 0]])
     assert plan.agent_slot.tolist() == [[0, 0, 0, 0]]
-    torch.testing.assert_close(merge(x, plan, agents=True)[0, 0], x[0].mean(0))
+    torch.testing.assert_close(merge_with_agents(x, plan)[1][0, 0], x[0].mean(0))
 
 
 def test_merge_then_unmerge_keeps_slot_means():

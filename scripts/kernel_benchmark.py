@@ -1,0 +1,88 @@
+"""Time of each kernel step of one block's merge plan and merge, at the shapes of SD 1.5 level 1
+(batch 2, 320 channels, fp16; agent stage sx=sy=4, ToMe stage sx=sy=2, ratio 0.4): GPU time inside a
+CUDA graph, and host time per eager call at 4096 tokens (where eager UNet calls are host-bound).
+
+    python scripts/kernel_benchmark.py
+"""
+
+import statistics
+import time
+
+import torch
+
+from agentsd import kernels, merge
+
+# (tokens, cell size, t, t_a or None): the agent and ToMe stages at 512, 768, 1024 and 2048px
+SHAPES = [(4096, 4, 1638, 3840), (4096, 2, 1638, None), (9216, 4, 3686, 8640), (9216, 2, 3686, None),
+          (16384, 4, 6553, 15360), (16384, 2, 6553, None), (65536, 4, 26214, 61440), (65536, 2, 26214, None)]  # fmt: skip
+
+
+def graph_us(fn, inner=10, reps=20):
+    """Median GPU microseconds of fn, replayed from a CUDA graph of `inner` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def host_us(fn, calls=200):
+    """Host microseconds to launch fn once (the GPU queue is not drained in between)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main():
+    torch.manual_seed(0)
+    for n_tokens, cell, t, t_a in SHAPES:
+        side = int(n_tokens**0.5)
+        x = (torch.randn(2, n_tokens, 320, device="cuda") * 20).half()
+        dst = merge.choose_destinations(merge.Grid(1, side, side), cell, cell, key=merge.random_key(0, 981), device="cuda")
+        num_dst = dst.index.numel()
+        score, best = kernels.best_destination(x, dst.index, dst.is_dst)
+
+        def assign(pairwise_max):
+            kernels.PAIRWISE_MAX_TOKENS = pairwise_max
+            return kernels.assign_slots(score, best, dst.is_dst, dst.slot, num_dst, t, t_a)
+
+        slot, agent_slot = assign(0)
+        steps = {
+            "best_destination": lambda: kernels.best_destination(x, dst.index, dst.is_dst),
+            "assign_slots, sorted": lambda: assign(0),
+            "assign_slots, pairwise": lambda: assign(10**9),
+            "merge_mean": lambda: kernels.merge_mean(
+                x, slot, agent_slot, dst.index, dst.is_dst, n_tokens - t, n_tokens - t_a if t_a else None
+            ),
+            "unmerge (gather)": lambda: x[:, : n_tokens - t].gather(1, slot.unsqueeze(-1).expand(2, n_tokens, 320)),
+        }
+        print(f"N={n_tokens} cell={cell} D={num_dst} t={t} t_a={t_a}")
+        for name, fn in steps.items():
+            if name.endswith("pairwise") and n_tokens > 16384:
+                continue  # N**2 comparisons: far slower than the sort there
+            host = f", host {host_us(fn):.0f} us" if n_tokens == 4096 else ""
+            print(f"  {name}: {graph_us(fn):.1f} us{host}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

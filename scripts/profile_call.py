@@ -1,0 +1,53 @@
+"""Where the time of one UNet call goes, per variant: the GPU kernels that take the most device
+time, host milliseconds per eager call, and kernel launches per call (torch.profiler).
+
+    python scripts/profile_call.py --configs sd15-512 sd15-1024 --variants sdpa agent tome
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from speed_benchmark import CONFIGS, unet_inputs, variant
+from agentsd.models import unet_from_config
+
+
+@torch.no_grad()
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--configs", nargs="+", default=["sd15-512", "sd15-1024"], choices=sorted(CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=["sdpa", "agent", "tome"])
+    parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args(argv)
+    for config in args.configs:
+        kind, size = CONFIGS[config]
+        unet = unet_from_config(kind).to("cuda", torch.float16).eval()
+        inputs = unet_inputs(unet, kind, size, torch.device("cuda"))
+        for name in args.variants:
+            with variant(unet, kind, name, args.ratio, inputs[0].shape[-2:]):
+                for _ in range(5):
+                    unet(*inputs)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.calls):
+                    unet(*inputs)
+                host_ms = (time.perf_counter() - start) * 1e3 / args.calls  # launch time: the GPU queue is not drained
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(args.calls):
+                        unet(*inputs)
+                    torch.cuda.synchronize()
+            events = prof.key_averages()
+            launches = sum(e.count for e in events if "LaunchKernel" in e.key) / args.calls
+            device_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            print(f"\n== {config} {name}: host {host_ms:.1f} ms/call to launch, {launches:.0f} launches/call, "
+                  f"kernels {device_ms / 1e3 / args.calls:.2f} ms/call")  # fmt: skip
+            print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
