@@ -4,12 +4,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from . import __version__
 from .config import ATTN_PRECISIONS, MAX_DOWNSAMPLES
 from .generate import Job, generate_images, save_png
-from .pipelines import DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS, LoadError, load_pipeline, patch_pipeline, patch_settings
+from .pipelines import DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS, LoadError, load_pipeline, patch_pipeline, patch_settings, resolve_device
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,12 +54,6 @@ def settings_from(args, parser) -> dict:
         parser.error(str(error))
 
 
-def resolve_device(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    return device, dtype
-
-
 def read_prompts(args, parser) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -79,7 +71,7 @@ def read_prompts(args, parser) -> list[str]:
 def generate(args, parser) -> None:
     prompts = read_prompts(args, parser)
     settings = settings_from(args, parser)
-    device, dtype = resolve_device(args)
+    device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
     if args.batch_size < 1 or args.steps < 1:
         parser.error("--batch-size and --steps must be at least 1")
     try:

@@ -25,10 +25,10 @@ import torch
 from accelerate import PartialState
 from PIL import Image, ImageOps
 
-from .cli import add_model_arguments, resolve_device
+from .cli import add_model_arguments
 from .generate import Job, generate_images, save_png
 from .patch import remove_patch
-from .pipelines import LoadError, load_pipeline, patch_pipeline, patch_settings
+from .pipelines import DTYPES, LoadError, load_pipeline, patch_pipeline, patch_settings, resolve_device
 
 CLASSES_FILE = Path(__file__).parent / "data" / "imagenet_classes.txt"
 TEMPLATE = "A high quality photograph of a {}."  # the ToMe-SD / AgentSD papers' prompt
@@ -74,7 +74,8 @@ def run(args, feature=None) -> list[dict] | None:
     runs = check(args)
     # On a machine without CUDA, `accelerate launch --multi_gpu` gives CPU processes only with cpu=True.
     state = PartialState(cpu=args.device == "cpu" or (args.device is None and not torch.cuda.is_available()))
-    device, dtype = resolve_device(args) if state.num_processes == 1 else (str(state.device), resolve_device(args)[1])
+    device, dtype = resolve_device(args.device if state.num_processes == 1 else str(state.device),
+                                   DTYPES[args.dtype] if args.dtype else None)  # fmt: skip
     metric = make_fid(args, feature, device) if not args.no_fid else None  # fails before any generation
     pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
     out = Path(args.out)

@@ -144,9 +144,19 @@ if triton is not None:
         tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
 
     @triton.jit
-    def _slot_of_rank(rank, best, is_dst, own_slot, D, merged):
+    def _store_slots(
+        token, rank, ok, b, N, D, num_merged, num_agent_merged,
+        best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, HAS_AGENTS: tl.constexpr,
+    ):  # fmt: skip
         """Sources of rank < t join their best destination; the others take slot D + rank - t."""
-        return tl.where(is_dst, own_slot, tl.where(rank < merged, best, rank + (D - merged)))
+        best = tl.load(best_ptr + b * N + token, mask=ok, other=0)
+        is_dst = tl.load(is_dst_ptr + token, mask=ok, other=0) != 0
+        own_slot = tl.load(dst_slot_ptr + token, mask=ok, other=0)
+        slot = tl.where(is_dst, own_slot, tl.where(rank < num_merged, best, rank + (D - num_merged)))
+        tl.store(slot_ptr + b * N + token, slot, mask=ok)
+        if HAS_AGENTS:
+            agent_slot = tl.where(is_dst, own_slot, tl.where(rank < num_agent_merged, best, rank + (D - num_agent_merged)))
+            tl.store(agent_slot_ptr + b * N + token, agent_slot, mask=ok)
 
     @triton.jit
     def _pairwise_slots_kernel(
@@ -166,13 +176,8 @@ if triton is not None:
             score_j = tl.load(score_ptr + b * N + j, mask=j < N, other=float("-inf"))
             before = (score_j[None, :] > score_i[:, None]) | ((score_j[None, :] == score_i[:, None]) & (j[None, :] < i[:, None]))
             rank += tl.sum((before & (j < N)[None, :]).to(tl.int32), axis=1)
-        rank = rank.to(tl.int64)
-        best = tl.load(best_ptr + b * N + i, mask=ok, other=0)
-        is_dst = tl.load(is_dst_ptr + i, mask=ok, other=0) != 0
-        own_slot = tl.load(dst_slot_ptr + i, mask=ok, other=0)
-        tl.store(slot_ptr + b * N + i, _slot_of_rank(rank, best, is_dst, own_slot, D, num_merged), mask=ok)
-        if HAS_AGENTS:
-            tl.store(agent_slot_ptr + b * N + i, _slot_of_rank(rank, best, is_dst, own_slot, D, num_agent_merged), mask=ok)
+        _store_slots(i, rank.to(tl.int64), ok, b, N, D, num_merged, num_agent_merged,
+                     best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, HAS_AGENTS)  # fmt: skip
 
     @triton.jit
     def _order_slots_kernel(
@@ -185,12 +190,8 @@ if triton is not None:
         rank = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = rank < N
         token = tl.load(order_ptr + b * N + rank, mask=ok, other=0)
-        best = tl.load(best_ptr + b * N + token, mask=ok, other=0)
-        is_dst = tl.load(is_dst_ptr + token, mask=ok, other=0) != 0
-        own_slot = tl.load(dst_slot_ptr + token, mask=ok, other=0)
-        tl.store(slot_ptr + b * N + token, _slot_of_rank(rank, best, is_dst, own_slot, D, num_merged), mask=ok)
-        if HAS_AGENTS:
-            tl.store(agent_slot_ptr + b * N + token, _slot_of_rank(rank, best, is_dst, own_slot, D, num_agent_merged), mask=ok)
+        _store_slots(token, rank.to(tl.int64), ok, b, N, D, num_merged, num_agent_merged,
+                     best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, HAS_AGENTS)  # fmt: skip
 
     @triton.jit
     def _unit_destinations_kernel(x_ptr, index_ptr, out_ptr, D, C, stride_xb, stride_xn, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -40,8 +40,16 @@ class LoadError(Exception):
     """A pipeline that could not be loaded; the message says what was tried and what to pass."""
 
 
-def load_pipeline(model: str, *, dtype: torch.dtype, device: str, scheduler: str | None = None):
-    """A hub id or local folder as DiffusionPipeline.from_pretrained takes it, or "tiny"/"tiny-sdxl"."""
+def resolve_device(device: str | None = None, dtype: torch.dtype | None = None) -> tuple[str, torch.dtype]:
+    """What is not given: CUDA when present; float16 on CUDA, float32 elsewhere."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+
+
+def load_pipeline(model: str, *, dtype: torch.dtype | None = None, device: str | None = None, scheduler: str | None = None):
+    """A hub id or local folder as DiffusionPipeline.from_pretrained takes it, or "tiny"/"tiny-sdxl";
+    device and dtype default as resolve_device chooses."""
+    device, dtype = resolve_device(device, dtype)
     if model in TINY_MODELS:
         pipe = tiny_pipeline(TINY_MODELS[model])
         if dtype != torch.float32:

@@ -20,8 +20,7 @@ parser.add_argument("--steps", type=int, default=50)
 parser.add_argument("--out", default="compiled.png")
 args = parser.parse_args()
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-pipe = load_pipeline(args.model, dtype=torch.float16 if device == "cuda" else torch.float32, device=device)
+pipe = load_pipeline(args.model)  # CUDA and float16 when there is a GPU
 agentsd.apply_patch(pipe)
 pipe.unet = torch.compile(pipe.unet, backend=args.backend, fullgraph=True)
 for run in ("compiling", "compiled"):

@@ -21,9 +21,8 @@ parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--out", default="controlnet.png")
 args = parser.parse_args()
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = torch.float16 if device == "cuda" else torch.float32
-pipe = load_pipeline(args.model, dtype=dtype, device=device)
+pipe = load_pipeline(args.model)  # CUDA and float16 when there is a GPU
+device, dtype = pipe.device, pipe.unet.dtype
 if args.model.startswith("tiny"):
     controlnet = ControlNetModel.from_unet(pipe.unet)
 else:

@@ -22,8 +22,7 @@ parser.add_argument("--steps", type=int, default=50)
 parser.add_argument("--out", default="img2img.png")
 args = parser.parse_args()
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-pipe = load_pipeline(args.model, dtype=torch.float16 if device == "cuda" else torch.float32, device=device)
+pipe = load_pipeline(args.model)  # CUDA and float16 when there is a GPU
 pipe = StableDiffusionImg2ImgPipeline(**pipe.components)  # same weights, the img2img pipeline
 size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 init = Image.open(args.image).convert("RGB").resize((size, size)) if args.image else Image.linear_gradient("L").convert("RGB").resize((size, size))

@@ -17,8 +17,7 @@ parser.add_argument("--steps", type=int, default=50)
 parser.add_argument("--out", default="sd15.png")
 args = parser.parse_args()
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-pipe = load_pipeline(args.model, dtype=torch.float16 if device == "cuda" else torch.float32, device=device)
+pipe = load_pipeline(args.model)  # CUDA and float16 when there is a GPU
 agentsd.apply_patch(pipe)  # ratio 0.4: agent attention for the first 40% of the steps, ToMe after
 image = pipe("a photo of an astronaut riding a horse on the moon", num_inference_steps=args.steps,
              generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip

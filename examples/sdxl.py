@@ -17,8 +17,7 @@ parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--out", default="sdxl.png")
 args = parser.parse_args()
 
-device = "cuda" if torch.cuda.is_available() else "cpu"
-pipe = load_pipeline(args.model, dtype=torch.float16 if device == "cuda" else torch.float32, device=device)
+pipe = load_pipeline(args.model)  # CUDA and float16 when there is a GPU
 agentsd.apply_patch(pipe, ratio=0.5)
 image = pipe("a watercolor of a lighthouse at dawn", num_inference_steps=args.steps,
              generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip

@@ -5,12 +5,12 @@ CUDA graph, and host time per eager call at 4096 tokens (where eager UNet calls 
     python scripts/kernel_benchmark.py
 """
 
-import statistics
 import time
 
 import torch
 
 from agentsd import kernels, merge
+from timing import cuda_graph, median_ms
 
 # (tokens, cell size, t, t_a or None): the agent and ToMe stages at 512, 768, 1024 and 2048px
 SHAPES = [(4096, 4, 1638, 3840), (4096, 2, 1638, None), (9216, 4, 3686, 8640), (9216, 2, 3686, None),
@@ -19,25 +19,7 @@ SHAPES = [(4096, 4, 1638, 3840), (4096, 2, 1638, None), (9216, 4, 3686, 8640), (
 
 def graph_us(fn, inner=10, reps=20):
     """Median GPU microseconds of fn, replayed from a CUDA graph of `inner` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    return statistics.median(times)
+    return median_ms(cuda_graph(fn, inner).replay, reps) * 1e3 / inner
 
 
 def host_us(fn, calls=200):

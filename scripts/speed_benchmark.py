@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agentsd  # noqa: E402
 from agentsd.models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, unet_from_config  # noqa: E402
 from bench_processors import FreePlanProcessor, NoCoreProcessor, ToDoProcessor, blocks_up_to, grid_of  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import cuda_graph, median_ms  # noqa: E402
 
 CONFIGS = {
     "sd15-512": ("sd15", 512), "sd15-768": ("sd15", 768), "sd15-1024": ("sd15", 1024), "sd15-2048": ("sd15", 2048),
@@ -178,15 +178,7 @@ def measure(unet, inputs, mode, reps, device):
         torch._dynamo.reset()
         compiled = torch.compile(unet, fullgraph=True)
         return median_ms(lambda: compiled(*inputs), reps, warmup=5)  # the first call compiles
-    stream = torch.cuda.Stream()  # warm up on a side stream before capture, as CUDA graphs require
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = cuda_graph(call)
     return median_ms(graph.replay, reps)
 
 

@@ -1,4 +1,4 @@
-"""Median milliseconds of a call: CUDA events on the GPU, the host clock on the CPU."""
+"""Median milliseconds of a call (CUDA events on the GPU, the host clock on the CPU), and CUDA graphs of calls."""
 
 import statistics
 import time
@@ -24,3 +24,18 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
             fn()
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def cuda_graph(fn, repeats: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `repeats` calls of fn, warmed up on a side stream as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    return graph
