@@ -25,7 +25,7 @@ class AgentSDAttnProcessor:
         self.upcast = upcast
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        plan = self.block_merge.plan
+        plan = self.block_merge.plan_of(attn)
         if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.slot.shape[1]:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 

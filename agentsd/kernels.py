@@ -10,7 +10,7 @@ Per block and call, the plan is three or four launches and the merge three:
   merged sources are summed into their destination with atomics on 64-bit fixed point: integer
   addition does not depend on the order of the atomics, so results are deterministic (float atomics
   are not). The agents reuse the sums of the first plan (its merged sources are theirs too).
-- destinations and random_key: a level's destination pattern, and the key of a call, one launch each.
+- destinations: a block's destination pattern, from the call's timestep tensor, in one launch.
 """
 
 import os
@@ -46,19 +46,17 @@ if triton is not None:
         return (x >> 16) ^ x
 
     @triton.jit
-    def _random_key_kernel(timestep_ptr, key_ptr, seed):
-        bits = tl.load(timestep_ptr).to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-        tl.store(key_ptr, _mix32(bits ^ seed))
-
-    @triton.jit
     def _destinations_kernel(
-        key_ptr, key_value, index_ptr, slot_ptr, is_dst_ptr,
+        timestep_ptr, seed, key_value, index_ptr, slot_ptr, is_dst_ptr,
         height, width, cells_x, num_cells, downsample,
         SY: tl.constexpr, SX: tl.constexpr, KEY: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
+        """KEY 0: top-left destinations; 1: the key of merge.random_key(seed, timestep), drawn
+        here from the timestep tensor; 2: key_value."""
         p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         if KEY == 1:
-            key = tl.load(key_ptr)
+            bits = tl.load(timestep_ptr).to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+            key = _mix32(bits ^ seed)
         else:
             key = key_value
         # As a cell index: where the cell's destination sits.
@@ -276,24 +274,18 @@ if triton is not None:
             tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
 
 
-def random_key(seed: int, timestep: torch.Tensor) -> torch.Tensor:
-    """merge.random_key of a timestep tensor, in one launch."""
-    key = torch.empty((), dtype=torch.int64, device=timestep.device)
-    _random_key_kernel[(1,)](timestep, key, seed & 0xFFFFFFFF)
-    return key
-
-
-def destinations(height: int, width: int, sy: int, sx: int, downsample: int, key, device):
-    """(index (D,), slot (N,), is_dst (N,)) as merge.choose_destinations computes them."""
+def destinations(height: int, width: int, sy: int, sx: int, downsample: int, device, *, key=None, seed=0, timestep=None):
+    """(index (D,), slot (N,), is_dst (N,)) as merge.choose_destinations computes them: random from
+    an int `key`, or from the key of (seed, timestep) with a timestep tensor; else top-left."""
     cells_x, num_cells = width // sx, (height // sy) * (width // sx)
     num_tokens = height * width
     index = torch.empty(num_cells, dtype=torch.int64, device=device)
     slot = torch.empty(num_tokens, dtype=torch.int64, device=device)
     is_dst = torch.empty(num_tokens, dtype=torch.bool, device=device)
-    mode = 0 if key is None else (1 if torch.is_tensor(key) else 2)
+    mode = 2 if key is not None else 1 if timestep is not None else 0
     block = 1024 if not INTERPRET else 64
     _destinations_kernel[(triton.cdiv(num_tokens, block),)](
-        key if mode == 1 else index, key if mode == 2 else 0, index, slot, is_dst,
+        timestep if mode == 1 else index, seed & 0xFFFFFFFF, key if mode == 2 else 0, index, slot, is_dst,
         height, width, cells_x, num_cells, downsample, SY=sy, SX=sx, KEY=mode, BLOCK=block,
     )  # fmt: skip
     return index, slot, is_dst

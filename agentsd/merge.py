@@ -93,8 +93,6 @@ def random_key(seed: int, timestep) -> torch.Tensor | int:
     reproducible from its seed. The key stays on the timestep's device (no host sync, fine
     inside CUDA graphs and torch.compile).
     """
-    if torch.is_tensor(timestep) and kernels.available(timestep):
-        return kernels.random_key(seed, timestep)
     if torch.is_tensor(timestep):
         bits = timestep.reshape(-1)[0].to(torch.float32).view(torch.int32).to(torch.int64) & _MASK32
     else:
@@ -102,13 +100,18 @@ def random_key(seed: int, timestep) -> torch.Tensor | int:
     return _mix32(bits ^ (seed & _MASK32))
 
 
-def choose_destinations(grid: Grid, sy: int, sx: int, key=None, device=None) -> Destinations:
-    """Step 1: one destination per complete sy x sx cell, random when `key` is given, else top-left."""
+def choose_destinations(grid: Grid, sy: int, sx: int, seed: int | None = None, timestep=0, device=None) -> Destinations:
+    """Step 1: one destination per complete sy x sx cell: top-left without a seed, else random,
+    drawn from the key random_key(seed, timestep) of the call."""
     cells_y, cells_x = grid.height // sy, grid.width // sx
     num_tokens = grid.height * grid.width
     if device is not None and kernels.available(device):
-        return Destinations(*kernels.destinations(grid.height, grid.width, sy, sx, grid.downsample, key, device))
+        shape = (grid.height, grid.width, sy, sx, grid.downsample, device)
+        if seed is not None and torch.is_tensor(timestep):  # the key is drawn on the GPU
+            return Destinations(*kernels.destinations(*shape, seed=seed, timestep=timestep))
+        return Destinations(*kernels.destinations(*shape, key=None if seed is None else random_key(seed, timestep)))
     cell = torch.arange(cells_y * cells_x, device=device)
+    key = None if seed is None else random_key(seed, timestep)
     if key is None:
         offset = torch.zeros_like(cell)
     else:

@@ -17,7 +17,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .attention import AgentSDAttnProcessor
 from .config import K_SCALE2, K_SHORTCUT, RATIO, AgentSDConfig, build_config
-from .merge import choose_destinations, merge, merge_counts, plan_merge, random_key, token_grid, unmerge
+from .merge import choose_destinations, merge, merge_counts, plan_merge, token_grid, unmerge
 from .schedule import StageTracker
 
 SUPPORTED = (
@@ -127,17 +127,22 @@ class UNetPatch:
         self.config = config
         self.max_downsample = config.max_downsample or _top_level(unet)
         self.tracker = StageTracker(config.stages)
-        self.handles = [unet.register_forward_pre_hook(self.before_unet, with_kwargs=True)]
+        self.handles = [
+            unet.register_forward_pre_hook(self.before_unet, with_kwargs=True),
+            unet.register_forward_hook(self.after_unet),
+        ]
         self.processors = []  # (attn1, our processor) to restore
         self.progress_bar_wrapper = None  # (weak pipe, wrapper) to undo
         # Per call, set by before_unet:
         self.latent_size = None
         self.stage = config.stages[0]
-        self.key = None
-        self.destinations = {}
+        self.seed = None  # None: top-left destinations
+        self.timestep = None
 
         for block in blocks:
-            block_merge = BlockMerge(self)
+            # The plan is freed after its last use, before the feed-forward (where a call's memory peaks).
+            last_user = block.ff if config.merge_mlp else block.attn2 if config.merge_crossattn else block.attn1
+            block_merge = BlockMerge(self, last_user)
             self.handles.append(block.register_forward_pre_hook(block_merge.before_block, with_kwargs=True))
             if config.merge_attn:
                 processor = AgentSDAttnProcessor(
@@ -186,10 +191,11 @@ class UNetPatch:
         self.stage = self.tracker.stage
         # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
         use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
-        if torch.is_tensor(timestep):
-            timestep = timestep.to(sample.device)
-        self.key = random_key(self.config.seed, timestep) if use_rand else None
-        self.destinations = {}
+        self.seed = self.config.seed if use_rand else None
+        self.timestep = timestep.to(sample.device) if torch.is_tensor(timestep) else timestep
+
+    def after_unet(self, unet, args, output) -> None:
+        self.timestep = None
 
     def plan_for(self, x: torch.Tensor):
         """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched."""
@@ -202,18 +208,27 @@ class UNetPatch:
         num_merged, num_agent_merged = merge_counts(num_tokens, num_dst, stage.ratio, stage.agent_ratio)
         if num_merged == 0:
             return None
-        # One destination pattern per level and call, shared by the level's blocks.
-        if grid.downsample not in self.destinations:
-            self.destinations[grid.downsample] = choose_destinations(grid, stage.sy, stage.sx, self.key, x.device)
-        return plan_merge(x, self.destinations[grid.downsample], num_merged, num_agent_merged)
+        # One destination pattern per level and call (a level's blocks draw the same one): drawn
+        # again in every block, it lives only as long as the block's plan, which keeps peak memory
+        # at the baseline's.
+        destinations = choose_destinations(grid, stage.sy, stage.sx, self.seed, self.timestep, x.device)
+        return plan_merge(x, destinations, num_merged, num_agent_merged)
 
 
 class BlockMerge:
     """The merge plan of one transformer block for the current call, and its hooks."""
 
-    def __init__(self, patch: UNetPatch):
+    def __init__(self, patch: UNetPatch, last_user):
         self.patch = patch
+        self.last_user = last_user
         self.plan = None
+
+    def plan_of(self, module):
+        """The plan, given up here if `module` is its last user in the block."""
+        plan = self.plan
+        if module is self.last_user:
+            self.plan = None
+        return plan
 
     def before_block(self, block, args, kwargs) -> None:
         x = args[0] if args else kwargs["hidden_states"]
@@ -226,7 +241,7 @@ class BlockMerge:
         return (merge(args[0], plan), *args[1:])
 
     def unmerge_output(self, module, args, output):
-        plan = self.plan
+        plan = self.plan_of(module)
         if plan is None or not args or args[0].shape[1] != plan.num_slots:
             return None
         return unmerge(output, plan)

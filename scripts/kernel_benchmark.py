@@ -40,7 +40,7 @@ def main():
     for n_tokens, cell, t, t_a in SHAPES:
         side = int(n_tokens**0.5)
         x = (torch.randn(2, n_tokens, 320, device="cuda") * 20).half()
-        dst = merge.choose_destinations(merge.Grid(1, side, side), cell, cell, key=merge.random_key(0, 981), device="cuda")
+        dst = merge.choose_destinations(merge.Grid(1, side, side), cell, cell, seed=0, timestep=981, device="cuda")
         num_dst = dst.index.numel()
         score, best = kernels.best_destination(x, dst.index, dst.is_dst)
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agentsd  # noqa: E402
 from agentsd.models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, unet_from_config  # noqa: E402
 from bench_processors import FreePlanProcessor, NoCoreProcessor, ToDoProcessor, blocks_up_to, grid_of  # noqa: E402
-from timing import cuda_graph, median_ms  # noqa: E402
+from timing import cuda_graph, times_ms  # noqa: E402
 
 CONFIGS = {
     "sd15-512": ("sd15", 512), "sd15-768": ("sd15", 768), "sd15-1024": ("sd15", 1024), "sd15-2048": ("sd15", 2048),
@@ -74,12 +74,12 @@ def main(argv=None):
         kind, size = ("sd15", 64) if config == "tiny-sd15" else CONFIGS[config]
         unet = unet_from_config(kind, tiny=config.startswith("tiny")).to(device, torch.float16 if cuda else torch.float32).eval()
         inputs = unet_inputs(unet, kind, size, device)
-        measure(unet, inputs, "eager", args.reps, device)  # warm the GPU clocks and kernels before the first variant
+        measure(unet, inputs, "eager", 5, device)  # warm the GPU clocks and kernels before the first variant
         for ratio in args.ratios:
             for mode in args.modes:
                 names = [n for n in args.variants if not (mode == "compile" and n == "tomesd")]
-                # Eager calls are bound by the host, whose speed drifts: interleave the variants in rounds.
-                rounds = 5 if mode == "eager" and cuda else 1
+                # Eager calls are bound by the host, whose speed drifts: alternate the variants call by call.
+                rounds = args.reps if mode == "eager" and cuda else 1
                 times = {name: [] for name in names}
                 errors = {}
                 for round_ in range(rounds):
@@ -88,7 +88,7 @@ def main(argv=None):
                             continue
                         try:
                             with variant(unet, kind, name, ratio, inputs[0].shape[-2:]):
-                                times[name].append(measure(unet, inputs, mode, max(args.reps // rounds, 3), device))
+                                times[name] += measure(unet, inputs, mode, args.reps // rounds, device)
                                 if mode == "eager" and cuda and round_ == 0:
                                     memory_rows.append(dict(config=config, variant=name, ratio=ratio, peak_gb=peak_memory(unet, inputs)))
                         except Exception as error:  # tomesd cannot be captured, for example: report it
@@ -170,16 +170,16 @@ def variant(unet, kind, name, ratio, latent_size):
 
 @torch.no_grad()
 def measure(unet, inputs, mode, reps, device):
-    """Median milliseconds of one call in `mode`: eager, a replayed CUDA graph, or torch.compile."""
+    """Milliseconds of `reps` calls in `mode`: eager, a replayed CUDA graph, or torch.compile."""
     call = lambda: unet(*inputs)  # noqa: E731
     if device.type != "cuda" or mode == "eager":
-        return median_ms(call, reps, warmup=5)
+        return times_ms(call, reps, warmup=2)
     if mode == "compile":
         torch._dynamo.reset()
         compiled = torch.compile(unet, fullgraph=True)
-        return median_ms(lambda: compiled(*inputs), reps, warmup=5)  # the first call compiles
+        return times_ms(lambda: compiled(*inputs), reps, warmup=5)  # the first call compiles
     graph = cuda_graph(call)
-    return median_ms(graph.replay, reps)
+    return times_ms(graph.replay, reps)
 
 
 @torch.no_grad()
@@ -221,34 +221,47 @@ def generation(config, steps, device):
         pooled = pipe.unet.config.projection_class_embeddings_input_dim - 6 * pipe.unet.config.addition_time_embed_dim
         embeds["pooled_prompt_embeds"] = torch.randn(1, pooled, generator=g).to(device, pipe.unet.dtype)
         embeds["negative_pooled_prompt_embeds"] = torch.randn(1, pooled, generator=g).to(device, pipe.unet.dtype)
+    run = lambda n: pipe(height=size, width=size, num_inference_steps=n, output_type="pil", **embeds)  # noqa: E731
+    seconds, peaks = {}, {}
+    for round_ in range(1 if device.type != "cuda" else 3):  # the methods alternate: the host's speed drifts
+        for method in ("baseline", "tomesd", "agentsd"):
+            with patched_pipeline(pipe, method, kind):
+                if round_ == 0:
+                    run(2)  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                run(steps)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds.setdefault(method, []).append(time.perf_counter() - start)
+                peaks.setdefault(method, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
     rows = []
-    for method in ("baseline", "tomesd", "agentsd"):
-        if method == "tomesd":
-            import tomesd
-
-            tomesd.apply_patch(pipe, ratio=0.4, max_downsample=TOP_LEVEL[kind])
-        elif method == "agentsd":
-            agentsd.apply_patch(pipe, ratio=0.4, seed=0)
-        run = lambda n: pipe(height=size, width=size, num_inference_steps=n, output_type="pil", **embeds)  # noqa: E731
-        run(2)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        run(steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    for method in seconds:
         row = dict(config=config, method=method, ratio=0.4 if method != "baseline" else 0, steps=steps,
-                   s_per_image=seconds, peak_gb=peak)  # fmt: skip
+                   s_per_image=statistics.median(seconds[method]), peak_gb=peaks[method])  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def patched_pipeline(pipe, method, kind):
+    """The pipeline as is (baseline), with public tomesd, or with agentsd's default schedule, all at ratio 0.4."""
+    if method == "tomesd":
+        import tomesd
+
+        tomesd.apply_patch(pipe, ratio=0.4, max_downsample=TOP_LEVEL[kind])
+    elif method == "agentsd":
+        agentsd.apply_patch(pipe, ratio=0.4, seed=0)
+    try:
+        yield
+    finally:
         if method == "tomesd":
             tomesd.remove_patch(pipe)
         elif method == "agentsd":
             agentsd.remove_patch(pipe)
-    return rows
 
 
 def write_outputs(out: Path, rows, memory_rows, generation_rows, device):

@@ -7,6 +7,10 @@ import torch
 
 
 def median_ms(fn, reps: int, warmup: int = 3) -> float:
+    return statistics.median(times_ms(fn, reps, warmup))
+
+
+def times_ms(fn, reps: int, warmup: int = 3) -> list[float]:
     cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
@@ -23,7 +27,7 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def cuda_graph(fn, repeats: int = 1) -> torch.cuda.CUDAGraph:

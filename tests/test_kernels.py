@@ -21,16 +21,20 @@ def torch_path():
 def inputs(dtype, batch=2, grid=merge.Grid(2, 12, 20), stride=(2, 4), channels=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, grid.height * grid.width, channels, generator=g).to(DEVICE, dtype)
-    return x, merge.choose_destinations(grid, *stride, key=merge.random_key(seed, 500), device=DEVICE)
+    return x, merge.choose_destinations(grid, *stride, seed=seed, timestep=500, device=DEVICE)
 
 
-@pytest.mark.parametrize("key", [None, merge.random_key(3, 981), "tensor"])
-def test_destinations(torch_path, key):
-    if key == "tensor":
-        key = merge.random_key(3, torch.tensor(981.0, device=DEVICE))
+@pytest.mark.parametrize("seed", [None, 3])
+@pytest.mark.parametrize("timestep", [981, torch.tensor(981), torch.tensor([20.5, 20.5])], ids=["int", "tensor", "float-batch"])
+def test_destinations(torch_path, seed, timestep):
+    timestep = timestep.to(DEVICE) if torch.is_tensor(timestep) else timestep
     for grid, sy, sx in ((merge.Grid(1, 12, 20), 2, 4), (merge.Grid(2, 7, 10), 4, 4), (merge.Grid(1, 5, 5), 2, 2)):
-        expected = merge.choose_destinations(grid, sy, sx, key=key, device=DEVICE)
-        got = kernels.destinations(grid.height, grid.width, sy, sx, grid.downsample, key, DEVICE)
+        expected = merge.choose_destinations(grid, sy, sx, seed, timestep, device=DEVICE)
+        shape = (grid.height, grid.width, sy, sx, grid.downsample, DEVICE)
+        if seed is not None and torch.is_tensor(timestep):  # the key drawn in the kernel from the tensor
+            got = kernels.destinations(*shape, seed=seed, timestep=timestep)
+        else:
+            got = kernels.destinations(*shape, key=None if seed is None else merge.random_key(seed, timestep))
         for name, a, b in zip(merge.Destinations._fields, got, expected):
             assert torch.equal(a, b), name
 
@@ -82,8 +86,3 @@ def test_merge_mean(torch_path, dtype, agents):
         if b is not None:
             assert a.dtype == dtype
             torch.testing.assert_close(a.float(), b, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-5)
-
-
-def test_random_key(torch_path):
-    for timestep in (torch.tensor(981, device=DEVICE), torch.tensor(20.5, device=DEVICE)):
-        assert kernels.random_key(7, timestep).item() == merge.random_key(7, timestep.cpu())
