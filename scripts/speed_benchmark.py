@@ -89,6 +89,8 @@ def main(argv=None):
                         try:
                             with variant(unet, kind, name, ratio, inputs[0].shape[-2:]):
                                 times[name] += measure(unet, inputs, mode, args.reps // rounds, device)
+                                if rounds == 1:  # a compile takes a minute: show each result as it comes
+                                    print(f"# {config} {mode} {ratio} {name}: {statistics.median(times[name]):.2f} ms", flush=True)
                                 if mode == "eager" and cuda and round_ == 0:
                                     memory_rows.append(dict(config=config, variant=name, ratio=ratio, peak_gb=peak_memory(unet, inputs)))
                         except Exception as error:  # tomesd cannot be captured, for example: report it
