@@ -1,10 +1,14 @@
 """Where the time of one UNet call goes, per variant: the GPU kernels that take the most device
-time, host milliseconds per eager call, and kernel launches per call (torch.profiler).
+time, host milliseconds per eager call, and kernel launches per call (torch.profiler); with
+--python also the Python functions that take the most host time (cProfile).
 
     python scripts/profile_call.py --configs sd15-512 sd15-1024 --variants sdpa agent tome
+    python scripts/profile_call.py --configs sdxl-1024 --variants sdpa agent --python
 """
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -22,6 +26,7 @@ def main(argv=None):
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--python", action="store_true", help="also profile the host's Python with cProfile")
     args = parser.parse_args(argv)
     for config in args.configs:
         kind, size = CONFIGS[config]
@@ -41,12 +46,18 @@ def main(argv=None):
                     for _ in range(args.calls):
                         unet(*inputs)
                     torch.cuda.synchronize()
+                if args.python:
+                    python = cProfile.Profile()
+                    python.runcall(lambda: [unet(*inputs) for _ in range(args.calls)])
             events = prof.key_averages()
             launches = sum(e.count for e in events if "LaunchKernel" in e.key) / args.calls
             device_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
             print(f"\n== {config} {name}: host {host_ms:.1f} ms/call to launch, {launches:.0f} launches/call, "
                   f"kernels {device_ms / 1e3 / args.calls:.2f} ms/call")  # fmt: skip
             print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
+            print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
+            if args.python:
+                pstats.Stats(python).sort_stats("tottime").print_stats(args.rows)
 
 
 if __name__ == "__main__":

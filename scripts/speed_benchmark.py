@@ -186,7 +186,11 @@ def measure(unet, inputs, mode, reps, device):
 
 @torch.no_grad()
 def peak_memory(unet, inputs):
+    """GB at the peak of one call. The cached blocks go back first, as in a fresh process: a call
+    served from blocks that other variants left behind may hold up to 1 MB more per tensor."""
+    gc.collect()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     unet(*inputs)
     torch.cuda.synchronize()
