@@ -1,8 +1,9 @@
 """apply_patch / remove_patch: the only module that touches diffusers objects.
 
 What a patch installs, all of it undone by remove_patch:
-- a forward pre-hook on the UNet: latent size, stage and random key of the call;
-- a forward pre-hook on every BasicTransformerBlock: its merge plan, from the block input X;
+- a forward pre-hook and hook on the UNet: latent size, stage and timestep of the call;
+- a forward pre-hook on every BasicTransformerBlock: its merge plan, from the block input X,
+  given up after its last use;
 - AgentSDAttnProcessor on each block's attn1 (the replaced processor is kept inside it);
 - with merge_crossattn / merge_mlp, merge and unmerge hooks around attn2 / ff;
 - on a pipeline, a wrapper of scheduler.scale_model_input (the stage) and of progress_bar (to
@@ -140,9 +141,9 @@ class UNetPatch:
         self.timestep = None
 
         for block in blocks:
-            # The plan is freed after its last use, before the feed-forward (where a call's memory peaks).
-            last_user = block.ff if config.merge_mlp else block.attn2 if config.merge_crossattn else block.attn1
-            block_merge = BlockMerge(self, last_user)
+            # The plan is given up after its last use, before the feed-forward (where a call's memory peaks).
+            users = (block.attn1, config.merge_attn), (block.attn2, config.merge_crossattn), (block.ff, config.merge_mlp)
+            block_merge = BlockMerge(self, [m for m, wanted in users if wanted and m is not None])
             self.handles.append(block.register_forward_pre_hook(block_merge.before_block, with_kwargs=True))
             if config.merge_attn:
                 processor = AgentSDAttnProcessor(
@@ -218,9 +219,9 @@ class UNetPatch:
 class BlockMerge:
     """The merge plan of one transformer block for the current call, and its hooks."""
 
-    def __init__(self, patch: UNetPatch, last_user):
+    def __init__(self, patch: UNetPatch, users):
         self.patch = patch
-        self.last_user = last_user
+        self.last_user = users[-1] if users else None  # None: nothing merges, no plan
         self.plan = None
 
     def plan_of(self, module):
@@ -232,7 +233,7 @@ class BlockMerge:
 
     def before_block(self, block, args, kwargs) -> None:
         x = args[0] if args else kwargs["hidden_states"]
-        self.plan = self.patch.plan_for(x)
+        self.plan = self.patch.plan_for(x) if self.last_user is not None else None
 
     def merge_input(self, module, args):
         plan = self.plan

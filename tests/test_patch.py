@@ -115,22 +115,26 @@ def test_cross_attention_and_mlp_merging_change_the_output(unet, kind):
         assert (out - attn_only).abs().max() > 1e-4, flags
 
 
-@pytest.mark.parametrize("flags", [{}, dict(merge_crossattn=True), dict(merge_mlp=True)], ids=["attn", "crossattn", "mlp"])
+@pytest.mark.parametrize(
+    "flags", [{}, dict(merge_crossattn=True), dict(merge_mlp=True), dict(merge_attn=False, merge_mlp=True)],
+    ids=["attn", "crossattn", "mlp", "mlp-only"],
+)
 def test_plans_are_freed_after_their_last_use(flags):
     """A block's plan dies after its last user, before the feed-forward where a call peaks in memory."""
     unet = tiny_unet("sd15")
     agentsd.apply_patch(unet, 0.5, **TOME_STAGE, **flags)
     patch = unet._agentsd
     blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    block_merges = [next(iter(b._forward_pre_hooks.values())).__self__ for b in blocks]  # of BlockMerge.before_block
     planned, held_at_ff = [], []
-    for block in blocks:
-        block_merge = block.attn1.processor.block_merge
+    for block, block_merge in zip(blocks, block_merges):
         block.attn1.register_forward_pre_hook(lambda *_, m=block_merge: planned.append(m.plan is not None))
         block.ff.register_forward_pre_hook(lambda *_, m=block_merge: held_at_ff.append(m.plan is not None))
     run_unet(unet, unet_inputs("sd15"))
     assert any(planned)  # some blocks were merged
     assert held_at_ff == ([False] * len(blocks) if not flags.get("merge_mlp") else planned)
-    assert all(b.attn1.processor.block_merge.plan is None for b in blocks) and patch.timestep is None
+    assert all(m.plan is None for m in block_merges)
+    assert patch.timestep is None
 
 
 def test_random_destinations_follow_seed_and_timestep(unet, kind):
