@@ -242,7 +242,8 @@ def generation(config, steps, device):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds.setdefault(method, []).append(time.perf_counter() - start)
-                peaks.setdefault(method, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+                if round_ == 0:
+                    peaks[method] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     rows = []
     for method in seconds:
         row = dict(config=config, method=method, ratio=0.4 if method != "baseline" else 0, steps=steps,
