@@ -1,16 +1,18 @@
 """Triton kernels of the merge plan and the merge, used on CUDA; merge.py's torch code is their reference.
 
-Per block and call, the plan is three or four launches and the merge three:
+Per block and call:
+- destinations: the block's destination pattern, from the call's timestep tensor, in one launch;
 - best_destination: the destinations gathered and normalised (one launch), then the cosine
   similarity of every token to every destination, reduced to the best one as it goes: the
-  (B, N, D) similarity matrix is never written (1 GB per block at 2048px);
-- assign_slots: the slots of both plans from the rank of every token's score: after a sort, or
-  in eager calls at few tokens (host-bound) by counting pairwise comparisons in one launch;
+  (B, N, D) similarity matrix is never written (1 GB per block at 2048px). Rows of up to 512
+  channels are loaded once and stay in registers;
+- assign_slots: which sources merge (the t best scores), by a radix selection of the t-th score
+  (six launches, no sort), or in eager calls at few tokens (host-bound) by a pairwise ranking (two);
 - merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
   merged sources are summed into their destination with atomics on 64-bit fixed point: integer
   addition does not depend on the order of the atomics, so results are deterministic (float atomics
-  are not). The agents reuse the sums of the first plan (its merged sources are theirs too).
-- destinations: a block's destination pattern, from the call's timestep tensor, in one launch.
+  are not). The agents reuse the sums of the first plan (its merged sources are theirs too). The
+  atomics are relaxed: nothing orders them (acq_rel, Triton's default, made the merge 2-3x slower).
 """
 
 import os
@@ -129,11 +131,10 @@ if triton is not None:
                 else:
                     dot = tl.dot(x, d, dot)
             dot = tl.where(dsts[None, :] < D, dot, float("-inf"))
-            tile_best_dot = tl.max(dot, axis=1)
-            tile_best = tl.argmax(dot, axis=1).to(tl.int32) + d0
+            tile_best_dot, tile_best = tl.max(dot, axis=1, return_indices=True)
             better = tile_best_dot > best_dot
             best_dot = tl.where(better, tile_best_dot, best_dot)
-            best = tl.where(better, tile_best, best)
+            best = tl.where(better, tile_best.to(tl.int32) + d0, best)
 
         score = best_dot / tl.sqrt(squared_norm)
         is_dst = tl.load(is_dst_ptr + rows, mask=row_ok, other=0)
@@ -142,28 +143,135 @@ if triton is not None:
         tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
 
     @triton.jit
-    def _store_slots(
-        token, rank, ok, b, N, D, num_merged, num_agent_merged,
-        best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, HAS_AGENTS: tl.constexpr,
+    def _dot_update(dot, x, d, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(x, d, dot, input_precision="ieee")
+        return tl.dot(x, d, dot)
+
+    @triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_D": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+        ]
+        if not INTERPRET
+        else [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})],
+        key=["N", "D", "C_MAIN", "C_REST"],
+    )
+    @triton.jit
+    def _best_destination_resident_kernel(
+        x_ptr, dst_ptr, is_dst_ptr, score_ptr, best_ptr,
+        N, D, stride_xb, stride_xn, stride_db, stride_dd,
+        IEEE: tl.constexpr, C_MAIN: tl.constexpr, C_REST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Sources of rank < t join their best destination; the others take slot D + rank - t."""
-        best = tl.load(best_ptr + b * N + token, mask=ok, other=0)
-        is_dst = tl.load(is_dst_ptr + token, mask=ok, other=0) != 0
-        own_slot = tl.load(dst_slot_ptr + token, mask=ok, other=0)
-        slot = tl.where(is_dst, own_slot, tl.where(rank < num_merged, best, rank + (D - num_merged)))
-        tl.store(slot_ptr + b * N + token, slot, mask=ok)
-        if HAS_AGENTS:
-            agent_slot = tl.where(is_dst, own_slot, tl.where(rank < num_agent_merged, best, rank + (D - num_agent_merged)))
-            tl.store(agent_slot_ptr + b * N + token, agent_slot, mask=ok)
+        """_best_destination_kernel for C = C_MAIN + C_REST channels (both powers of two, C_REST may be
+        0): a block's rows are loaded once and stay in registers while the destinations stream by."""
+        b = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        x_rows = x_ptr + b * stride_xb + rows[:, None] * stride_xn
+        main = tl.arange(0, C_MAIN)
+        x_main = tl.load(x_rows + main[None, :], mask=row_ok[:, None], other=0.0)
+        squared_norm = tl.sum(x_main.to(tl.float32) * x_main.to(tl.float32), axis=1)
+        if C_REST > 0:
+            rest = C_MAIN + tl.arange(0, C_REST)
+            x_rest = tl.load(x_rows + rest[None, :], mask=row_ok[:, None], other=0.0)
+            squared_norm += tl.sum(x_rest.to(tl.float32) * x_rest.to(tl.float32), axis=1)
+
+        dst_base = dst_ptr + b * stride_db
+        best_dot = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        best = tl.zeros([BLOCK_M], dtype=tl.int32)
+        for d0 in range(0, D, BLOCK_D):
+            dsts = d0 + tl.arange(0, BLOCK_D)
+            dst_cols = dst_base + dsts[None, :] * stride_dd
+            d_main = tl.load(dst_cols + main[:, None], mask=dsts[None, :] < D, other=0.0)
+            dot = _dot_update(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), x_main, d_main, IEEE)
+            if C_REST > 0:
+                d_rest = tl.load(dst_cols + rest[:, None], mask=dsts[None, :] < D, other=0.0)
+                dot = _dot_update(dot, x_rest, d_rest, IEEE)
+            dot = tl.where(dsts[None, :] < D, dot, float("-inf"))
+            tile_best_dot, tile_best = tl.max(dot, axis=1, return_indices=True)
+            better = tile_best_dot > best_dot
+            best_dot = tl.where(better, tile_best_dot, best_dot)
+            best = tl.where(better, tile_best.to(tl.int32) + d0, best)
+
+        score = best_dot / tl.sqrt(squared_norm)
+        is_dst = tl.load(is_dst_ptr + rows, mask=row_ok, other=0)
+        score = tl.where(is_dst != 0, float("-inf"), score)
+        tl.store(score_ptr + b * N + rows, score, mask=row_ok)
+        tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
+
+    # Selection of the t best-scoring sources without a sort. Token order in the merged sequence is
+    # free (ALGORITHM.md), so the unmerged sources take slots D, D+1, ... in token order, and only the
+    # set of the t best (ties: lower index first) is needed: the t-th score is found by a radix
+    # selection over its 32 bits in three histogram passes (11, 11, 10 bits), each over all tokens.
+    # The last program to finish a pass reads its histogram and leaves the bits found so far in
+    # `threshold`, so that no other program scans a histogram.
 
     @triton.jit
-    def _pairwise_slots_kernel(
-        score_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr,
-        N, D, num_merged, num_agent_merged,
-        HAS_AGENTS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    def _order_key(score):
+        """float32 -> int64 in [0, 2**32), ordered as the scores (-0.0 counts as 0.0, as in a sort)."""
+        bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True).to(tl.int64)
+        return tl.where(bits < 0, ~bits, bits | 0x80000000) & 0xFFFFFFFF
+
+    @triton.jit
+    def _pass_bits(PASS: tl.constexpr):
+        return 11 if PASS < 2 else 10
+
+    @triton.jit
+    def _pass_shift(PASS: tl.constexpr):
+        return 21 if PASS == 0 else (10 if PASS == 1 else 0)
+
+    @triton.jit
+    def _histogram_kernel(
+        score_ptr, hist_ptr, done_ptr, threshold_ptr, N, num_merged, num_agent_merged,
+        PASS: tl.constexpr, HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """The rank of each token is how many score higher (ties: lower index first), counted
-        against every other token: N**2 comparisons, but one parallel launch and no sort."""
+        """One radix pass: counts of the next bits of the keys that share the bits found so far.
+
+        hist (B, 5, 2048): pass 0 is shared, passes 1-2 have one row per target (merged, agents).
+        threshold (B, 2, 2): per target, the leading bits of the k-th largest key found so far and
+        how many keys with those bits are still to be taken; after pass 2 the key itself and how
+        many keys equal to it are among the k.
+        """
+        b = tl.program_id(1)
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = p < N
+        key = _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0))
+        digit = ((key >> _pass_shift(PASS)) & ((1 << _pass_bits(PASS)) - 1)).to(tl.int32)
+        hist = hist_ptr + b * 5 * 2048
+        bins = tl.arange(0, 2048)
+        if PASS == 0:  # every key counts, in a few bins: count inside the program first
+            counts = tl.histogram(digit, 2048, mask=ok)
+            tl.atomic_add(hist + bins, counts, mask=counts > 0, sem="relaxed")
+        else:
+            for target in tl.static_range(1 + HAS_AGENTS):
+                prefix = tl.load(threshold_ptr + (b * 2 + target) * 2)
+                wanted = ok & ((key >> (_pass_shift(PASS) + _pass_bits(PASS))) == prefix)
+                row = hist + (1 + 2 * target + PASS - 1) * 2048
+                tl.atomic_add(row + digit, tl.full([BLOCK], 1, tl.int32), mask=wanted, sem="relaxed")
+
+        tl.debug_barrier()  # this program's counts are in before it reports done
+        if tl.atomic_add(done_ptr + b * 3 + PASS, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            for target in tl.static_range(1 + HAS_AGENTS):
+                k = (num_merged if target == 0 else num_agent_merged).to(tl.int64)
+                state = threshold_ptr + (b * 2 + target) * 2
+                prefix = tl.load(state) if PASS > 0 else 0
+                remaining = tl.load(state + 1) if PASS > 0 else k
+                row = hist + (0 if PASS == 0 else 1 + 2 * target + PASS - 1) * 2048
+                in_bin = tl.load(row + bins, cache_modifier=".cg").to(tl.int64)  # from L2, where the atomics went
+                through = tl.cumsum(in_bin, 0, reverse=True)  # keys in this bin or above
+                above = through - in_bin
+                chosen = tl.max(tl.where((above < remaining) & (through >= remaining), bins, -1), 0)
+                tl.store(state, (prefix << _pass_bits(PASS)) | chosen)
+                tl.store(state + 1, remaining - tl.sum(tl.where(bins == chosen, above, 0), 0))
+
+    @triton.jit
+    def _pairwise_rank_kernel(score_ptr, key_ptr, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+        """Key N - rank, where the rank of a token is how many score higher (ties: lower index first),
+        counted against every other token: N**2 comparisons, but one parallel launch."""
         b = tl.program_id(1)
         i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
         ok = i < N
@@ -174,22 +282,67 @@ if triton is not None:
             score_j = tl.load(score_ptr + b * N + j, mask=j < N, other=float("-inf"))
             before = (score_j[None, :] > score_i[:, None]) | ((score_j[None, :] == score_i[:, None]) & (j[None, :] < i[:, None]))
             rank += tl.sum((before & (j < N)[None, :]).to(tl.int32), axis=1)
-        _store_slots(i, rank.to(tl.int64), ok, b, N, D, num_merged, num_agent_merged,
-                     best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, HAS_AGENTS)  # fmt: skip
+        tl.store(key_ptr + b * N + i, N - rank.to(tl.int64), mask=ok)
 
     @triton.jit
-    def _order_slots_kernel(
-        order_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr,
-        N, D, num_merged, num_agent_merged,
+    def _selection(score_ptr, key_ptr, is_dst_ptr, threshold_ptr, b, p, ok, N, k, TARGET: tl.constexpr, RANKED: tl.constexpr):
+        """Keys of tokens p (from the scores, or N - rank of the pairwise ranking), which are sources,
+        the k-th largest key and how many keys equal to it are among the k."""
+        source = ok & (tl.load(is_dst_ptr + p, mask=ok, other=1) == 0)
+        if RANKED:  # distinct keys: the k best are those above N - k
+            key = tl.load(key_ptr + b * N + p, mask=ok, other=0)
+            return key, source, (N - k).to(tl.int64), (k * 0).to(tl.int64)
+        key = _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0))
+        state = threshold_ptr + (b * 2 + TARGET) * 2
+        return key, source, tl.load(state), tl.load(state + 1)
+
+    @triton.jit
+    def _below_counts_kernel(
+        score_ptr, is_dst_ptr, threshold_ptr, counts_ptr, N, num_merged, num_agent_merged,
         HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """The same slots from a sort order: the token at rank r of `order` gets rank r."""
+        """Per target and block of tokens: the sources equal to the threshold key and below it."""
         b = tl.program_id(1)
-        rank = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = rank < N
-        token = tl.load(order_ptr + b * N + rank, mask=ok, other=0)
-        _store_slots(token, rank.to(tl.int64), ok, b, N, D, num_merged, num_agent_merged,
-                     best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, HAS_AGENTS)  # fmt: skip
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        for target in tl.static_range(1 + HAS_AGENTS):
+            k = num_merged if target == 0 else num_agent_merged
+            key, source, threshold, _ = _selection(score_ptr, score_ptr, is_dst_ptr, threshold_ptr, b, p, p < N, N, k, target, False)
+            out = counts_ptr + ((b * 2 + target) * tl.num_programs(0) + tl.program_id(0)) * 2
+            tl.store(out, tl.sum((source & (key == threshold)).to(tl.int32), 0))
+            tl.store(out + 1, tl.sum((source & (key < threshold)).to(tl.int32), 0))
+
+    @triton.jit
+    def _slots_kernel(
+        score_ptr, key_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, threshold_ptr, counts_ptr, slot_ptr, agent_slot_ptr,
+        N, D, num_merged, num_agent_merged,
+        RANKED: tl.constexpr, HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
+    ):  # fmt: skip
+        """A source among the k best joins its best destination, the others take D + (unmerged sources
+        before them in token order); destinations keep their cell's slot."""
+        b = tl.program_id(1)
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = p < N
+        best = tl.load(best_ptr + b * N + p, mask=ok, other=0)
+        own_slot = tl.load(dst_slot_ptr + p, mask=ok, other=0)
+        earlier = tl.arange(0, MAX_PROGRAMS)
+        for target in tl.static_range(1 + HAS_AGENTS):
+            k = num_merged if target == 0 else num_agent_merged
+            key, source, threshold, equal_wanted = _selection(
+                score_ptr, key_ptr, is_dst_ptr, threshold_ptr, b, p, ok, N, k, target, RANKED
+            )
+            # sources equal to / below the threshold in earlier blocks
+            counts = counts_ptr + ((b * 2 + target) * tl.num_programs(0) + earlier) * 2
+            before = earlier < tl.program_id(0)
+            equal_before = tl.sum(tl.load(counts, mask=before, other=0).to(tl.int64), 0)
+            below_before = tl.sum(tl.load(counts + 1, mask=before, other=0).to(tl.int64), 0)
+
+            equal = source & (key == threshold)
+            equal_rank = equal_before + tl.cumsum(equal.to(tl.int64), 0) - equal
+            merged = source & ((key > threshold) | (equal & (equal_rank < equal_wanted)))
+            unmerged = source & ~merged
+            unmerged_rank = below_before + tl.maximum(equal_before - equal_wanted, 0) + tl.cumsum(unmerged.to(tl.int64), 0) - unmerged
+            slot = tl.where(source, tl.where(merged, best, D + unmerged_rank), own_slot)
+            tl.store((slot_ptr if target == 0 else agent_slot_ptr) + b * N + p, slot, mask=ok)
 
     @triton.jit
     def _unit_destinations_kernel(x_ptr, index_ptr, out_ptr, D, C, stride_xb, stride_xn, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -232,18 +385,18 @@ if triton is not None:
 
         joins = source & (slot < D)
         sums = sums_ptr + (b * D + slot) * width
-        tl.atomic_add(sums[:, None] + cols[None, :], fixed, mask=joins[:, None] & col_ok[None, :])
+        tl.atomic_add(sums[:, None] + cols[None, :], fixed, mask=joins[:, None] & col_ok[None, :], sem="relaxed")
         if tl.program_id(1) == 0:
-            tl.atomic_add(sums + C, tl.full([BLOCK_T], 1, tl.int64), mask=joins)
+            tl.atomic_add(sums + C, tl.full([BLOCK_T], 1, tl.int64), mask=joins, sem="relaxed")
         stays = source & (slot >= D)
         tl.store(merged_ptr + (b * num_slots + slot[:, None]) * C + cols[None, :], x, mask=stays[:, None] & col_ok[None, :])
         if HAS_AGENTS:
             agent_slot = tl.load(agent_slot_ptr + b * N + tokens, mask=ok, other=0)
             only_agents = stays & (agent_slot < D)
             agent_sums = sums_ptr + (b * D + agent_slot) * width + C + 1
-            tl.atomic_add(agent_sums[:, None] + cols[None, :], fixed, mask=only_agents[:, None] & col_ok[None, :])
+            tl.atomic_add(agent_sums[:, None] + cols[None, :], fixed, mask=only_agents[:, None] & col_ok[None, :], sem="relaxed")
             if tl.program_id(1) == 0:
-                tl.atomic_add(agent_sums + C, tl.full([BLOCK_T], 1, tl.int64), mask=only_agents)
+                tl.atomic_add(agent_sums + C, tl.full([BLOCK_T], 1, tl.int64), mask=only_agents, sem="relaxed")
             alone = stays & (agent_slot >= D)
             tl.store(agents_ptr + (b * num_agents + agent_slot[:, None]) * C + cols[None, :], x, mask=alone[:, None] & col_ok[None, :])
 
@@ -291,6 +444,11 @@ def destinations(height: int, width: int, sy: int, sx: int, downsample: int, dev
     return index, slot, is_dst
 
 
+# Rows of up to this many channels stay in registers (SD 1.5 and 2.x level 1: 320).
+RESIDENT_MAX_CHANNELS = 512
+RESIDENT = True
+
+
 def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Tensor):
     """x (B, N, C), destination positions (D,) -> cosine score and index of the best destination,
     (B, N) float32 and int64; the score is -inf at destination tokens."""
@@ -306,40 +464,63 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Ten
     score = torch.empty(batch, n_tokens, device=x.device, dtype=torch.float32)
     best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), batch)  # noqa: E731
-    _best_destination_kernel[grid](
-        x, dst_unit, is_dst, score, best,
-        n_tokens, num_dst, channels, x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1),
-        IEEE=x.dtype == torch.float32, BLOCK_C=block_c,
-    )  # fmt: skip
+    strides = (x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1))
+    c_main = 1 << (channels.bit_length() - 1)
+    c_rest = channels - c_main
+    if RESIDENT and channels <= RESIDENT_MAX_CHANNELS and c_main >= 16 and (c_rest == 0 or c_rest >= 16 and c_rest & (c_rest - 1) == 0):
+        _best_destination_resident_kernel[grid](
+            x, dst_unit, is_dst, score, best, n_tokens, num_dst, *strides,
+            IEEE=x.dtype == torch.float32, C_MAIN=c_main, C_REST=c_rest,
+        )  # fmt: skip
+    else:
+        _best_destination_kernel[grid](
+            x, dst_unit, is_dst, score, best, n_tokens, num_dst, channels, *strides,
+            IEEE=x.dtype == torch.float32, BLOCK_C=block_c,
+        )  # fmt: skip
     return score, best
 
 
-# Eager calls at up to 4096 tokens (SD 512px, SDXL 1024px) are bound by the host: there the pairwise
-# ranking, one launch, beats a sort and a slot pass (39 against ~100 us of host time per block); on the
-# GPU, and so inside CUDA graphs, the sort is faster (30 against 38 us at 4096 tokens, 75 against 125
-# at 9216). H100, batch 2: scripts/results/2026-11-23-h100/kernels.md.
+# Eager calls at up to 4096 tokens (SD 512px, SDXL 1024px) are bound by the host: there a pairwise
+# ranking and one slot pass (two launches) beat the six of the radix selection. On the GPU, and so
+# inside CUDA graphs, the radix selection is faster. H100, batch 2: scripts/results/2026-11-23-h100/kernels.md.
 PAIRWISE_MAX_TOKENS = 4096
 
 
 def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, num_agent_merged: int | None):
     """score, best (B, N) -> slot (B, N) and agent slot (B, N) or None; see merge.assign_slots."""
     batch, n_tokens = score.shape
-    slot = torch.empty_like(best)
-    agent_slot = torch.empty_like(best) if num_agent_merged is not None else slot
-    counts = (n_tokens, num_dst, num_merged, num_agent_merged or 0)
     has_agents = num_agent_merged is not None
+    slot = torch.empty_like(best)
+    agent_slot = torch.empty_like(best) if has_agents else slot
+    counts = (n_tokens, num_dst, num_merged, num_agent_merged or 0)
     capturing = score.is_cuda and torch.cuda.is_current_stream_capturing()
-    if n_tokens <= PAIRWISE_MAX_TOKENS and not capturing:
+    ranked = n_tokens <= PAIRWISE_MAX_TOKENS and not capturing
+    if ranked:
+        keys = torch.empty_like(best)
         block_i, block_j = (64, 256) if not INTERPRET else (16, 32)
-        _pairwise_slots_kernel[(triton.cdiv(n_tokens, block_i), batch)](
-            score, best, is_dst, dst_slot, slot, agent_slot, *counts, HAS_AGENTS=has_agents, BLOCK_I=block_i, BLOCK_J=block_j
-        )
+        _pairwise_rank_kernel[(triton.cdiv(n_tokens, block_i), batch)](score, keys, n_tokens, BLOCK_I=block_i, BLOCK_J=block_j)
+        threshold = below = keys  # unused: one program per row, ranks are the keys
+        block, programs = triton.next_power_of_2(n_tokens), 1
     else:
-        order = score.argsort(dim=-1, descending=True, stable=True)
+        keys = score  # unused
         block = 1024 if not INTERPRET else 64
-        _order_slots_kernel[(triton.cdiv(n_tokens, block), batch)](
-            order, best, is_dst, dst_slot, slot, agent_slot, *counts, HAS_AGENTS=has_agents, BLOCK=block
+        programs = triton.cdiv(n_tokens, block)
+        hist_and_done = torch.zeros(batch * (5 * 2048 + 3), device=score.device, dtype=torch.int32)  # one memset
+        hist, done = hist_and_done.split([batch * 5 * 2048, batch * 3])
+        threshold = torch.empty(batch, 2, 2, device=score.device, dtype=torch.int64)
+        for radix_pass in range(3):
+            _histogram_kernel[(programs, batch)](
+                score, hist, done, threshold, n_tokens, num_merged, num_agent_merged or 0,
+                PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=block,
+            )  # fmt: skip
+        below = torch.empty(batch, 2, programs, 2, device=score.device, dtype=torch.int32)
+        _below_counts_kernel[(programs, batch)](
+            score, is_dst, threshold, below, n_tokens, num_merged, num_agent_merged or 0, HAS_AGENTS=has_agents, BLOCK=block
         )
+    _slots_kernel[(programs, batch)](
+        score, keys, best, is_dst, dst_slot, threshold, below, slot, agent_slot, *counts,
+        RANKED=ranked, HAS_AGENTS=has_agents, BLOCK=block, MAX_PROGRAMS=triton.next_power_of_2(programs),
+    )  # fmt: skip
     return slot, (agent_slot if has_agents else None)
 
 

@@ -8,7 +8,7 @@ A merge plan gives every token of a block its slot in the merged sequence, so th
 Destinations keep their own slot and absorb the sources merged into them; unmerged sources keep
 a slot of their own. The agents are a second plan from the same matching with more merged.
 Token order inside the merged sequence is free (attention has no positions): destinations come
-first, then the unmerged sources in order of similarity.
+first, then the unmerged sources in token order.
 """
 
 import math
@@ -155,8 +155,9 @@ def assign_slots(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Slot of every token (B, N), for the merged sequence and for the agents (or None).
 
-    Tokens are ranked by descending score, ties by token index. The source of rank r < t joins its
-    best destination's slot, the others get slot D + r - t; destinations keep their cell's slot.
+    Tokens are ranked by descending score, ties by token index. The sources of rank r < t join their
+    best destination's slot; the other sources take slots D, D + 1, ... in token order (the order
+    of the merged sequence is free); destinations keep their cell's slot.
     """
     num_dst = destinations.index.numel()
     if kernels.available(score):
@@ -166,10 +167,13 @@ def assign_slots(
     order = score.argsort(dim=-1, descending=True, stable=True)
     positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)
+    source = ~destinations.is_dst
 
     def slots(merged: int) -> torch.Tensor:
-        source_slot = torch.where(rank < merged, best_dst, rank + (num_dst - merged))
-        return torch.where(destinations.is_dst, destinations.slot, source_slot)
+        unmerged = source & (rank >= merged)
+        unmerged_before = unmerged.cumsum(dim=-1) - unmerged.long()
+        source_slot = torch.where(rank < merged, best_dst, num_dst + unmerged_before)
+        return torch.where(source, source_slot, destinations.slot)
 
     return slots(num_merged), None if num_agent_merged is None else slots(num_agent_merged)
 

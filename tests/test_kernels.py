@@ -40,8 +40,9 @@ def test_destinations(torch_path, seed, timestep):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_best_destination(torch_path, dtype):
-    x, dst = inputs(dtype)
+@pytest.mark.parametrize("channels", [48, 40], ids=["resident", "looped"])  # 48 = 32 + 16 stays in registers
+def test_best_destination(torch_path, dtype, channels):
+    x, dst = inputs(dtype, channels=channels)
     x = x * torch.linspace(0.1, 30, x.shape[1], device=DEVICE)[:, None].to(dtype)  # norms far from 1
     score, best = merge.best_destination(x, dst)
     k_score, k_best = kernels.best_destination(x, dst.index, dst.is_dst)
@@ -56,18 +57,19 @@ def test_best_destination(torch_path, dtype):
     assert torch.isinf(k_score[:, dst.index]).all()
 
 
-@pytest.mark.parametrize("agents", [None, 200])
+@pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("pairwise", [True, False], ids=["pairwise", "sorted"])
-def test_assign_slots(torch_path, monkeypatch, agents, ties, pairwise):
+@pytest.mark.parametrize("pairwise", [True, False], ids=["pairwise", "radix"])
+def test_assign_slots(torch_path, monkeypatch, merged, agents, ties, pairwise):
     monkeypatch.setattr(kernels, "PAIRWISE_MAX_TOKENS", 10**9 if pairwise else 0)
     x, dst = inputs(torch.float32)
     score, best = merge.best_destination(x, dst)
     if ties:  # a few distinct values: ranks among equal scores follow the token index
         score = torch.where(torch.isinf(score), score, (score * 4).round() / 4 - 1)
         assert score[0].unique().numel() < 10
-    expected = merge.assign_slots(score, best, dst, 90, agents)
-    got = kernels.assign_slots(score, best, dst.is_dst, dst.slot, dst.index.numel(), 90, agents)
+    assert dst.index.numel() == 30
+    expected = merge.assign_slots(score, best, dst, merged, agents)
+    got = kernels.assign_slots(score, best, dst.is_dst, dst.slot, dst.index.numel(), merged, agents)
     assert torch.equal(got[0], expected[0])
     assert (got[1] is None) == (agents is None) and (agents is None or torch.equal(got[1], expected[1]))
 
