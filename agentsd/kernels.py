@@ -444,9 +444,18 @@ def destinations(height: int, width: int, sy: int, sx: int, downsample: int, dev
     return index, slot, is_dst
 
 
-# Rows of up to this many channels stay in registers (SD 1.5 and 2.x level 1: 320).
+# Rows of up to this many channels stay in registers (SD 1.5 and 2.x level 1: 320 = 256 + 64).
 RESIDENT_MAX_CHANNELS = 512
-RESIDENT = True
+RESIDENT = True  # False: always the looped kernel (scripts/kernel_benchmark.py compares both)
+
+
+def _resident_split(channels: int) -> tuple[int, int] | None:
+    """(C_MAIN, C_REST), two powers of two (C_REST may be 0) that sum to `channels`, when its rows fit in registers."""
+    main = 1 << (channels.bit_length() - 1)
+    rest = channels - main
+    if not RESIDENT or channels > RESIDENT_MAX_CHANNELS or main < 16 or (rest and (rest < 16 or rest & (rest - 1))):
+        return None  # tl.dot wants tiles of at least 16
+    return main, rest
 
 
 def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Tensor):
@@ -465,12 +474,11 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Ten
     best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), batch)  # noqa: E731
     strides = (x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1))
-    c_main = 1 << (channels.bit_length() - 1)
-    c_rest = channels - c_main
-    if RESIDENT and channels <= RESIDENT_MAX_CHANNELS and c_main >= 16 and (c_rest == 0 or c_rest >= 16 and c_rest & (c_rest - 1) == 0):
+    split = _resident_split(channels)
+    if split is not None:
         _best_destination_resident_kernel[grid](
             x, dst_unit, is_dst, score, best, n_tokens, num_dst, *strides,
-            IEEE=x.dtype == torch.float32, C_MAIN=c_main, C_REST=c_rest,
+            IEEE=x.dtype == torch.float32, C_MAIN=split[0], C_REST=split[1],
         )  # fmt: skip
     else:
         _best_destination_kernel[grid](
@@ -482,7 +490,7 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Ten
 
 # Eager calls at up to 4096 tokens (SD 512px, SDXL 1024px) are bound by the host: there a pairwise
 # ranking and one slot pass (two launches) beat the six of the radix selection. On the GPU, and so
-# inside CUDA graphs, the radix selection is faster. H100, batch 2: scripts/results/2026-11-23-h100/kernels.md.
+# inside CUDA graphs, the radix selection is used (H100, batch 2: scripts/results/2026-11-23-h100/kernels_radix.md).
 PAIRWISE_MAX_TOKENS = 4096
 
 

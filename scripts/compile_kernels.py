@@ -1,0 +1,60 @@
+"""Compile the selection and matching kernels for sm_90 (H100) on a machine without a GPU.
+
+Triton's CPU interpreter (the test suite's) does not type-check like the compiler does; this
+catches such errors before a GPU call is spent on them. About 90 s on two cores:
+
+    env -u TRITON_INTERPRET python scripts/compile_kernels.py
+"""
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from agentsd import kernels as k
+
+target = GPUTarget("cuda", 90, 32)
+failures = []
+
+
+def check(fn, signature, constexprs):
+    while type(fn).__name__ != "JITFunction":
+        fn = fn.fn
+    src = ASTSource(fn, signature, constexprs)
+    try:
+        triton.compile(src, target=target)
+        print("ok", fn.__name__, constexprs, flush=True)
+    except Exception as e:
+        msg = str(e)
+        if "ptxas" in msg or "PTXAS" in msg or "nvcc" in msg.lower() or "libcuda" in msg:
+            print("frontend ok (no ptxas)", fn.__name__, constexprs, msg[:100])
+        else:
+            print("FAIL", fn.__name__, constexprs, msg[:2000])
+            failures.append(fn.__name__)
+
+
+def P(dtype):
+    return "*" + dtype
+
+
+for PASS in range(3):
+    for agents in (False, True):
+        check(k._histogram_kernel, {"score_ptr": P("fp32"), "hist_ptr": P("i32"), "done_ptr": P("i32"), "threshold_ptr": P("i64"),
+              "N": "i32", "num_merged": "i32", "num_agent_merged": "i32", "PASS": "constexpr", "HAS_AGENTS": "constexpr", "BLOCK": "constexpr"},
+              {"PASS": PASS, "HAS_AGENTS": agents, "BLOCK": 1024})
+for agents in (False, True):
+    check(k._below_counts_kernel, {"score_ptr": P("fp32"), "is_dst_ptr": P("i1"), "threshold_ptr": P("i64"), "counts_ptr": P("i32"),
+          "N": "i32", "num_merged": "i32", "num_agent_merged": "i32", "HAS_AGENTS": "constexpr", "BLOCK": "constexpr"}, {"HAS_AGENTS": agents, "BLOCK": 1024})
+    for ranked in (False, True):
+        check(k._slots_kernel, {"score_ptr": P("fp32"), "key_ptr": P("i64"), "best_ptr": P("i64"), "is_dst_ptr": P("i1"), "dst_slot_ptr": P("i64"),
+              "threshold_ptr": P("i64"), "counts_ptr": P("i32"), "slot_ptr": P("i64"), "agent_slot_ptr": P("i64"),
+              "N": "i32", "D": "i32", "num_merged": "i32", "num_agent_merged": "i32",
+              "RANKED": "constexpr", "HAS_AGENTS": "constexpr", "BLOCK": "constexpr", "MAX_PROGRAMS": "constexpr"},
+              {"RANKED": ranked, "HAS_AGENTS": agents, "BLOCK": 1024, "MAX_PROGRAMS": 16})
+check(k._pairwise_rank_kernel, {"score_ptr": P("fp32"), "key_ptr": P("i64"), "N": "i32", "BLOCK_I": "constexpr", "BLOCK_J": "constexpr"}, {"BLOCK_I": 64, "BLOCK_J": 256})
+for ieee in (False, True):
+    dt = "fp32" if ieee else "fp16"
+    check(k._best_destination_resident_kernel, {"x_ptr": P(dt), "dst_ptr": P(dt), "is_dst_ptr": P("i1"), "score_ptr": P("fp32"), "best_ptr": P("i64"),
+          "N": "i32", "D": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32",
+          "IEEE": "constexpr", "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+          {"IEEE": ieee, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64})
+sys.exit(1 if failures else 0)
