@@ -83,6 +83,29 @@ if triton is not None:
         tl.store(slot_ptr + p, tl.where(is_dst, own_cell, 0).to(tl.int64), mask=ok)
         tl.store(is_dst_ptr + p, is_dst, mask=ok)
 
+    @triton.jit
+    def _dot_update(dot, x, d, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(x, d, dot, input_precision="ieee")
+        return tl.dot(x, d, dot)
+
+    @triton.jit
+    def _keep_best(dot, d0, dsts, D, best_dot, best):
+        """Fold a tile of dot products (rows x destinations dsts) into the best so far (ties: lower index)."""
+        dot = tl.where(dsts[None, :] < D, dot, float("-inf"))
+        tile_best_dot, tile_best = tl.max(dot, axis=1, return_indices=True)
+        better = tile_best_dot > best_dot
+        return tl.where(better, tile_best_dot, best_dot), tl.where(better, tile_best.to(tl.int32) + d0, best)
+
+    @triton.jit
+    def _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok):
+        """Cosine score (-inf at destinations) and index of each row's best destination."""
+        score = best_dot / tl.sqrt(squared_norm)
+        is_dst = tl.load(is_dst_ptr + rows, mask=row_ok, other=0)
+        score = tl.where(is_dst != 0, float("-inf"), score)
+        tl.store(score_ptr + b * N + rows, score, mask=row_ok)
+        tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
+
     @triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
@@ -126,27 +149,10 @@ if triton is not None:
                     mask=(dsts[None, :] < D) & (cols[:, None] < C),
                     other=0.0,
                 )
-                if IEEE:
-                    dot = tl.dot(x, d, dot, input_precision="ieee")
-                else:
-                    dot = tl.dot(x, d, dot)
-            dot = tl.where(dsts[None, :] < D, dot, float("-inf"))
-            tile_best_dot, tile_best = tl.max(dot, axis=1, return_indices=True)
-            better = tile_best_dot > best_dot
-            best_dot = tl.where(better, tile_best_dot, best_dot)
-            best = tl.where(better, tile_best.to(tl.int32) + d0, best)
+                dot = _dot_update(dot, x, d, IEEE)
+            best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best)
 
-        score = best_dot / tl.sqrt(squared_norm)
-        is_dst = tl.load(is_dst_ptr + rows, mask=row_ok, other=0)
-        score = tl.where(is_dst != 0, float("-inf"), score)
-        tl.store(score_ptr + b * N + rows, score, mask=row_ok)
-        tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
-
-    @triton.jit
-    def _dot_update(dot, x, d, IEEE: tl.constexpr):
-        if IEEE:
-            return tl.dot(x, d, dot, input_precision="ieee")
-        return tl.dot(x, d, dot)
+        _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
 
     @triton.autotune(
         configs=[
@@ -191,17 +197,9 @@ if triton is not None:
             if C_REST > 0:
                 d_rest = tl.load(dst_cols + rest[:, None], mask=dsts[None, :] < D, other=0.0)
                 dot = _dot_update(dot, x_rest, d_rest, IEEE)
-            dot = tl.where(dsts[None, :] < D, dot, float("-inf"))
-            tile_best_dot, tile_best = tl.max(dot, axis=1, return_indices=True)
-            better = tile_best_dot > best_dot
-            best_dot = tl.where(better, tile_best_dot, best_dot)
-            best = tl.where(better, tile_best.to(tl.int32) + d0, best)
+            best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best)
 
-        score = best_dot / tl.sqrt(squared_norm)
-        is_dst = tl.load(is_dst_ptr + rows, mask=row_ok, other=0)
-        score = tl.where(is_dst != 0, float("-inf"), score)
-        tl.store(score_ptr + b * N + rows, score, mask=row_ok)
-        tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
+        _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
 
     # Selection of the t best-scoring sources without a sort. Token order in the merged sequence is
     # free (ALGORITHM.md), so the unmerged sources take slots D, D+1, ... in token order, and only the
@@ -285,16 +283,20 @@ if triton is not None:
         tl.store(key_ptr + b * N + i, N - rank.to(tl.int64), mask=ok)
 
     @triton.jit
-    def _selection(score_ptr, key_ptr, is_dst_ptr, threshold_ptr, b, p, ok, N, k, TARGET: tl.constexpr, RANKED: tl.constexpr):
-        """Keys of tokens p (from the scores, or N - rank of the pairwise ranking), which are sources,
-        the k-th largest key and how many keys equal to it are among the k."""
+    def _selection_keys(score_ptr, key_ptr, is_dst_ptr, b, p, ok, N, RANKED: tl.constexpr):
+        """Keys of tokens p (from the scores, or N - rank of the pairwise ranking) and which are sources."""
         source = ok & (tl.load(is_dst_ptr + p, mask=ok, other=1) == 0)
+        if RANKED:
+            return tl.load(key_ptr + b * N + p, mask=ok, other=0), source
+        return _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0)), source
+
+    @triton.jit
+    def _selection_threshold(threshold_ptr, b, N, k, TARGET: tl.constexpr, RANKED: tl.constexpr):
+        """The k-th largest key and how many keys equal to it are among the k."""
         if RANKED:  # distinct keys: the k best are those above N - k
-            key = tl.load(key_ptr + b * N + p, mask=ok, other=0)
-            return key, source, (N - k).to(tl.int64), (k * 0).to(tl.int64)
-        key = _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0))
+            return (N - k).to(tl.int64), (k * 0).to(tl.int64)
         state = threshold_ptr + (b * 2 + TARGET) * 2
-        return key, source, tl.load(state), tl.load(state + 1)
+        return tl.load(state), tl.load(state + 1)
 
     @triton.jit
     def _below_counts_kernel(
@@ -304,9 +306,10 @@ if triton is not None:
         """Per target and block of tokens: the sources equal to the threshold key and below it."""
         b = tl.program_id(1)
         p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        key, source = _selection_keys(score_ptr, score_ptr, is_dst_ptr, b, p, p < N, N, False)
         for target in tl.static_range(1 + HAS_AGENTS):
             k = num_merged if target == 0 else num_agent_merged
-            key, source, threshold, _ = _selection(score_ptr, score_ptr, is_dst_ptr, threshold_ptr, b, p, p < N, N, k, target, False)
+            threshold, _ = _selection_threshold(threshold_ptr, b, N, k, target, False)
             out = counts_ptr + ((b * 2 + target) * tl.num_programs(0) + tl.program_id(0)) * 2
             tl.store(out, tl.sum((source & (key == threshold)).to(tl.int32), 0))
             tl.store(out + 1, tl.sum((source & (key < threshold)).to(tl.int32), 0))
@@ -324,12 +327,11 @@ if triton is not None:
         ok = p < N
         best = tl.load(best_ptr + b * N + p, mask=ok, other=0)
         own_slot = tl.load(dst_slot_ptr + p, mask=ok, other=0)
+        key, source = _selection_keys(score_ptr, key_ptr, is_dst_ptr, b, p, ok, N, RANKED)
         earlier = tl.arange(0, MAX_PROGRAMS)
         for target in tl.static_range(1 + HAS_AGENTS):
             k = num_merged if target == 0 else num_agent_merged
-            key, source, threshold, equal_wanted = _selection(
-                score_ptr, key_ptr, is_dst_ptr, threshold_ptr, b, p, ok, N, k, target, RANKED
-            )
+            threshold, equal_wanted = _selection_threshold(threshold_ptr, b, N, k, target, RANKED)
             # sources equal to / below the threshold in earlier blocks
             counts = counts_ptr + ((b * 2 + target) * tl.num_programs(0) + earlier) * 2
             before = earlier < tl.program_id(0)

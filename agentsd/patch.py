@@ -143,7 +143,10 @@ class UNetPatch:
         for block in blocks:
             # The plan is given up after its last use, before the feed-forward (where a call's memory peaks).
             users = (block.attn1, config.merge_attn), (block.attn2, config.merge_crossattn), (block.ff, config.merge_mlp)
-            block_merge = BlockMerge(self, [m for m, wanted in users if wanted and m is not None])
+            users = [m for m, wanted in users if wanted and m is not None]
+            if not users:  # nothing merges in this block: no plan, no hooks
+                continue
+            block_merge = BlockMerge(self, users[-1])
             self.handles.append(block.register_forward_pre_hook(block_merge.before_block, with_kwargs=True))
             if config.merge_attn:
                 processor = AgentSDAttnProcessor(
@@ -152,9 +155,9 @@ class UNetPatch:
                 )  # fmt: skip
                 block.attn1.set_processor(processor)
                 self.processors.append((block.attn1, processor))
-            wrapped = [block.attn2] if config.merge_crossattn and block.attn2 is not None else []
-            wrapped += [block.ff] if config.merge_mlp else []
-            for module in wrapped:
+            for module in users:
+                if module is block.attn1:
+                    continue
                 self.handles.append(module.register_forward_pre_hook(block_merge.merge_input))
                 self.handles.append(module.register_forward_hook(block_merge.unmerge_output))
         unet._agentsd = self
@@ -219,9 +222,9 @@ class UNetPatch:
 class BlockMerge:
     """The merge plan of one transformer block for the current call, and its hooks."""
 
-    def __init__(self, patch: UNetPatch, users):
+    def __init__(self, patch: UNetPatch, last_user):
         self.patch = patch
-        self.last_user = users[-1] if users else None  # None: nothing merges, no plan
+        self.last_user = last_user
         self.plan = None
 
     def plan_of(self, module):
@@ -233,7 +236,7 @@ class BlockMerge:
 
     def before_block(self, block, args, kwargs) -> None:
         x = args[0] if args else kwargs["hidden_states"]
-        self.plan = self.patch.plan_for(x) if self.last_user is not None else None
+        self.plan = self.patch.plan_for(x)
 
     def merge_input(self, module, args):
         plan = self.plan

@@ -57,4 +57,8 @@ for ieee in (False, True):
           "N": "i32", "D": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32",
           "IEEE": "constexpr", "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
           {"IEEE": ieee, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64})
+    check(k._best_destination_kernel, {"x_ptr": P(dt), "dst_ptr": P(dt), "is_dst_ptr": P("i1"), "score_ptr": P("fp32"), "best_ptr": P("i64"),
+          "N": "i32", "D": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32",
+          "IEEE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
+          {"IEEE": ieee, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
 sys.exit(1 if failures else 0)
