@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from .merge import merge, merge_with_agents, unmerge
 from .nn.functional import agent_attention
@@ -58,11 +57,13 @@ class AgentSDAttnProcessor:
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=attn.scale)
         return self._out(attn, out.to(q.dtype))
 
+    # view and transpose, not einops: a few microseconds less per call, and eager calls at 512px
+    # are bound by the host
     @staticmethod
     def _heads(attn, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(x, "b n (h d) -> b h n d", h=attn.heads)
+        return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # b n (h d) -> b h n d
 
     @staticmethod
     def _out(attn, x: torch.Tensor) -> torch.Tensor:
-        x = attn.to_out[1](attn.to_out[0](rearrange(x, "b h n d -> b n (h d)")))
+        x = attn.to_out[1](attn.to_out[0](x.transpose(1, 2).flatten(2)))  # b h n d -> b n (h d)
         return x if attn.rescale_output_factor == 1 else x / attn.rescale_output_factor  # one launch less

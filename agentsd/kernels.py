@@ -2,12 +2,12 @@
 
 Per block and call:
 - destinations: the block's destination pattern, from the call's timestep tensor, in one launch;
-- best_destination: the destinations gathered and normalised (one launch), then the cosine
-  similarity of every token to every destination, reduced to the best one as it goes: the
-  (B, N, D) similarity matrix is never written (1 GB per block at 2048px). Rows of up to 512
-  channels are loaded once and stay in registers;
+- best_destination: the cosine similarity of every token to every destination, reduced to the
+  best one as it goes: the (B, N, D) similarity matrix is never written (1 GB per block at 2048px).
+  Rows of up to 512 channels are loaded once and stay in registers. The destinations are gathered
+  and normalised in a launch before, or in host-bound eager calls inside the same launch;
 - assign_slots: which sources merge (the t best scores), by a radix selection of the t-th score
-  (six launches, no sort), or in eager calls at few tokens (host-bound) by a pairwise ranking (two);
+  (no sort): six launches, or one in host-bound eager calls;
 - merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
   merged sources are summed into their destination with atomics on 64-bit fixed point: integer
   addition does not depend on the order of the atomics, so results are deterministic (float atomics
@@ -98,6 +98,20 @@ if triton is not None:
         return tl.where(better, tile_best_dot, best_dot), tl.where(better, tile_best.to(tl.int32) + d0, best)
 
     @triton.jit
+    def _destination_columns(x_ptr, dst_ptr, index_ptr, dsts, D, b, stride_xb, stride_xn, stride_db, stride_dd, GATHER: tl.constexpr):
+        """Pointers to channel 0 of destinations dsts, as a row [1, BLOCK_D]: the rows of x at the
+        destination positions (GATHER), else the rows of the normalised destinations."""
+        if GATHER:
+            token = tl.load(index_ptr + dsts, mask=dsts < D, other=0)
+            return (x_ptr + b * stride_xb + token * stride_xn)[None, :]
+        return (dst_ptr + b * stride_db + dsts * stride_dd)[None, :]
+
+    @triton.jit
+    def _squared_norms(d):
+        """Squared norm of each column of a [channels, destinations] tile."""
+        return tl.sum(d.to(tl.float32) * d.to(tl.float32), axis=0)
+
+    @triton.jit
     def _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok):
         """Cosine score (-inf at destinations) and index of each row's best destination."""
         score = best_dot / tl.sqrt(squared_norm)
@@ -116,19 +130,20 @@ if triton is not None:
         ]
         if not INTERPRET
         else [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})],
-        key=["N", "D", "C"],
+        key=["N", "D", "C", "GATHER"],  # gathering reads x directly: other loads, other best configs
     )
     @triton.jit
     def _best_destination_kernel(
-        x_ptr, dst_ptr, is_dst_ptr, score_ptr, best_ptr,
+        x_ptr, dst_ptr, index_ptr, is_dst_ptr, score_ptr, best_ptr,
         N, D, C, stride_xb, stride_xn, stride_db, stride_dd,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        IEEE: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
+        """Cosine score and index of each row's best destination, the destinations normalised
+        beforehand (dst_ptr) or, with GATHER, read from x and normalised here."""
         b = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         x_rows = x_ptr + b * stride_xb + rows[:, None] * stride_xn
-        dst_base = dst_ptr + b * stride_db
 
         squared_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -140,16 +155,18 @@ if triton is not None:
         best = tl.zeros([BLOCK_M], dtype=tl.int32)
         for d0 in range(0, D, BLOCK_D):
             dsts = d0 + tl.arange(0, BLOCK_D)
+            dst_cols = _destination_columns(x_ptr, dst_ptr, index_ptr, dsts, D, b, stride_xb, stride_xn, stride_db, stride_dd, GATHER)
             dot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dst_norm = tl.zeros([BLOCK_D], dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
-                d = tl.load(
-                    dst_base + dsts[None, :] * stride_dd + cols[:, None],
-                    mask=(dsts[None, :] < D) & (cols[:, None] < C),
-                    other=0.0,
-                )
+                d = tl.load(dst_cols + cols[:, None], mask=(dsts[None, :] < D) & (cols[:, None] < C), other=0.0)
                 dot = _dot_update(dot, x, d, IEEE)
+                if GATHER:
+                    dst_norm += _squared_norms(d)
+            if GATHER:
+                dot = dot / tl.sqrt(dst_norm)[None, :]
             best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best)
 
         _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
@@ -164,13 +181,13 @@ if triton is not None:
         ]
         if not INTERPRET
         else [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})],
-        key=["N", "D", "C_MAIN", "C_REST"],
+        key=["N", "D", "C_MAIN", "C_REST", "GATHER"],
     )
     @triton.jit
     def _best_destination_resident_kernel(
-        x_ptr, dst_ptr, is_dst_ptr, score_ptr, best_ptr,
-        N, D, stride_xb, stride_xn, stride_db, stride_dd,
-        IEEE: tl.constexpr, C_MAIN: tl.constexpr, C_REST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr, dst_ptr, index_ptr, is_dst_ptr, score_ptr, best_ptr,
+        N, D, stride_xb, stride_xn, stride_db, stride_dd, IEEE: tl.constexpr, GATHER: tl.constexpr,
+        C_MAIN: tl.constexpr, C_REST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         """_best_destination_kernel for C = C_MAIN + C_REST channels (both powers of two, C_REST may be
         0): a block's rows are loaded once and stay in registers while the destinations stream by."""
@@ -186,17 +203,21 @@ if triton is not None:
             x_rest = tl.load(x_rows + rest[None, :], mask=row_ok[:, None], other=0.0)
             squared_norm += tl.sum(x_rest.to(tl.float32) * x_rest.to(tl.float32), axis=1)
 
-        dst_base = dst_ptr + b * stride_db
         best_dot = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         best = tl.zeros([BLOCK_M], dtype=tl.int32)
         for d0 in range(0, D, BLOCK_D):
             dsts = d0 + tl.arange(0, BLOCK_D)
-            dst_cols = dst_base + dsts[None, :] * stride_dd
+            dst_cols = _destination_columns(x_ptr, dst_ptr, index_ptr, dsts, D, b, stride_xb, stride_xn, stride_db, stride_dd, GATHER)
             d_main = tl.load(dst_cols + main[:, None], mask=dsts[None, :] < D, other=0.0)
             dot = _dot_update(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), x_main, d_main, IEEE)
             if C_REST > 0:
                 d_rest = tl.load(dst_cols + rest[:, None], mask=dsts[None, :] < D, other=0.0)
                 dot = _dot_update(dot, x_rest, d_rest, IEEE)
+            if GATHER:
+                dst_norm = _squared_norms(d_main)
+                if C_REST > 0:
+                    dst_norm += _squared_norms(d_rest)
+                dot = dot / tl.sqrt(dst_norm)[None, :]
             best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best)
 
         _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
@@ -204,9 +225,10 @@ if triton is not None:
     # Selection of the t best-scoring sources without a sort. Token order in the merged sequence is
     # free (ALGORITHM.md), so the unmerged sources take slots D, D+1, ... in token order, and only the
     # set of the t best (ties: lower index first) is needed: the t-th score is found by a radix
-    # selection over its 32 bits in three histogram passes (11, 11, 10 bits), each over all tokens.
-    # The last program to finish a pass reads its histogram and leaves the bits found so far in
-    # `threshold`, so that no other program scans a histogram.
+    # selection over its 32 bits in three histogram passes (11, 11, 10 bits). Each pass is a launch
+    # over all tokens whose last program to finish reads the histogram and leaves the bits found so
+    # far in `threshold`; two more launches count and assign. In host-bound eager calls one program
+    # per batch row holds all tokens and does everything (one launch, more GPU time).
 
     @triton.jit
     def _order_key(score):
@@ -221,6 +243,66 @@ if triton is not None:
     @triton.jit
     def _pass_shift(PASS: tl.constexpr):
         return 21 if PASS == 0 else (10 if PASS == 1 else 0)
+
+    @triton.jit
+    def _digit(key, PASS: tl.constexpr):
+        return ((key >> _pass_shift(PASS)) & ((1 << _pass_bits(PASS)) - 1)).to(tl.int32)
+
+    @triton.jit
+    def _has_prefix(key, prefix, PASS: tl.constexpr):
+        """Whether the bits of key above this pass's digit are those found so far."""
+        return (key >> (_pass_shift(PASS) + _pass_bits(PASS))) == prefix
+
+    @triton.jit
+    def _choose_bin(in_bin, prefix, remaining, PASS: tl.constexpr):
+        """From one pass's histogram (2048 bins, int64): the bits found so far with this pass's digit
+        of the `remaining`-th largest key appended, and how many keys of that digit are still to take."""
+        bins = tl.arange(0, 2048)
+        through = tl.cumsum(in_bin, 0, reverse=True)  # keys in this bin or above
+        above = through - in_bin
+        chosen = tl.max(tl.where((above < remaining) & (through >= remaining), bins, -1), 0).to(tl.int64)
+        return (prefix << _pass_bits(PASS)) | chosen, remaining - tl.sum(tl.where(bins == chosen, above, 0), 0)
+
+    @triton.jit
+    def _selection_keys(score_ptr, is_dst_ptr, b, p, ok, N):
+        """Order keys of tokens p and which of them are sources."""
+        source = ok & (tl.load(is_dst_ptr + p, mask=ok, other=1) == 0)
+        return _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0)), source
+
+    @triton.jit
+    def _slots(key, source, best, own_slot, threshold, equal_wanted, equal_before, below_before, D):
+        """Slots of a block of tokens. Sources above the threshold key, and the first `equal_wanted`
+        sources equal to it, join their best destination; the other sources take D + (unmerged
+        sources before them in token order); destinations keep their cell's slot. equal_before and
+        below_before: sources equal to / below the threshold in earlier blocks of the row."""
+        equal = source & (key == threshold)
+        equal_rank = equal_before + tl.cumsum(equal.to(tl.int64), 0) - equal
+        merged = source & ((key > threshold) | (equal & (equal_rank < equal_wanted)))
+        unmerged = source & ~merged
+        unmerged_rank = below_before + tl.maximum(equal_before - equal_wanted, 0) + tl.cumsum(unmerged.to(tl.int64), 0) - unmerged
+        return tl.where(source, tl.where(merged, best, D + unmerged_rank), own_slot)
+
+    @triton.jit
+    def _one_program_slots_kernel(
+        score_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, N, D, num_merged, num_agent_merged,
+        HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """The selection and slots of one batch row in one program, all N keys in registers."""
+        b = tl.program_id(0)
+        p = tl.arange(0, BLOCK)
+        ok = p < N
+        key, source = _selection_keys(score_ptr, is_dst_ptr, b, p, ok, N)
+        best = tl.load(best_ptr + b * N + p, mask=ok, other=0)
+        own_slot = tl.load(dst_slot_ptr + p, mask=ok, other=0)
+        top_digits = tl.histogram(_digit(key, 0), 2048, mask=ok).to(tl.int64)  # pass 0 is shared
+        for target in tl.static_range(1 + HAS_AGENTS):
+            k = (num_merged if target == 0 else num_agent_merged).to(tl.int64)
+            prefix, remaining = _choose_bin(top_digits, 0, k, 0)
+            for radix_pass in tl.static_range(1, 3):
+                in_bin = tl.histogram(_digit(key, radix_pass), 2048, mask=ok & _has_prefix(key, prefix, radix_pass))
+                prefix, remaining = _choose_bin(in_bin.to(tl.int64), prefix, remaining, radix_pass)
+            slot = _slots(key, source, best, own_slot, prefix, remaining, 0, 0, D)
+            tl.store((slot_ptr if target == 0 else agent_slot_ptr) + b * N + p, slot, mask=ok)
 
     @triton.jit
     def _histogram_kernel(
@@ -238,16 +320,14 @@ if triton is not None:
         p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = p < N
         key = _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0))
-        digit = ((key >> _pass_shift(PASS)) & ((1 << _pass_bits(PASS)) - 1)).to(tl.int32)
+        digit = _digit(key, PASS)
         hist = hist_ptr + b * 5 * 2048
-        bins = tl.arange(0, 2048)
         if PASS == 0:  # every key counts, in a few bins: count inside the program first
             counts = tl.histogram(digit, 2048, mask=ok)
-            tl.atomic_add(hist + bins, counts, mask=counts > 0, sem="relaxed")
+            tl.atomic_add(hist + tl.arange(0, 2048), counts, mask=counts > 0, sem="relaxed")
         else:
             for target in tl.static_range(1 + HAS_AGENTS):
-                prefix = tl.load(threshold_ptr + (b * 2 + target) * 2)
-                wanted = ok & ((key >> (_pass_shift(PASS) + _pass_bits(PASS))) == prefix)
+                wanted = ok & _has_prefix(key, tl.load(threshold_ptr + (b * 2 + target) * 2), PASS)
                 row = hist + (1 + 2 * target + PASS - 1) * 2048
                 tl.atomic_add(row + digit, tl.full([BLOCK], 1, tl.int32), mask=wanted, sem="relaxed")
 
@@ -259,91 +339,45 @@ if triton is not None:
                 prefix = tl.load(state) if PASS > 0 else 0
                 remaining = tl.load(state + 1) if PASS > 0 else k
                 row = hist + (0 if PASS == 0 else 1 + 2 * target + PASS - 1) * 2048
-                in_bin = tl.load(row + bins, cache_modifier=".cg").to(tl.int64)  # from L2, where the atomics went
-                through = tl.cumsum(in_bin, 0, reverse=True)  # keys in this bin or above
-                above = through - in_bin
-                chosen = tl.max(tl.where((above < remaining) & (through >= remaining), bins, -1), 0)
-                tl.store(state, (prefix << _pass_bits(PASS)) | chosen)
-                tl.store(state + 1, remaining - tl.sum(tl.where(bins == chosen, above, 0), 0))
-
-    @triton.jit
-    def _pairwise_rank_kernel(score_ptr, key_ptr, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-        """Key N - rank, where the rank of a token is how many score higher (ties: lower index first),
-        counted against every other token: N**2 comparisons, but one parallel launch."""
-        b = tl.program_id(1)
-        i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-        ok = i < N
-        score_i = tl.load(score_ptr + b * N + i, mask=ok, other=0.0)
-        rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-        for j0 in range(0, N, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            score_j = tl.load(score_ptr + b * N + j, mask=j < N, other=float("-inf"))
-            before = (score_j[None, :] > score_i[:, None]) | ((score_j[None, :] == score_i[:, None]) & (j[None, :] < i[:, None]))
-            rank += tl.sum((before & (j < N)[None, :]).to(tl.int32), axis=1)
-        tl.store(key_ptr + b * N + i, N - rank.to(tl.int64), mask=ok)
-
-    @triton.jit
-    def _selection_keys(score_ptr, key_ptr, is_dst_ptr, b, p, ok, N, RANKED: tl.constexpr):
-        """Keys of tokens p (from the scores, or N - rank of the pairwise ranking) and which are sources."""
-        source = ok & (tl.load(is_dst_ptr + p, mask=ok, other=1) == 0)
-        if RANKED:
-            return tl.load(key_ptr + b * N + p, mask=ok, other=0), source
-        return _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0)), source
-
-    @triton.jit
-    def _selection_threshold(threshold_ptr, b, N, k, TARGET: tl.constexpr, RANKED: tl.constexpr):
-        """The k-th largest key and how many keys equal to it are among the k."""
-        if RANKED:  # distinct keys: the k best are those above N - k
-            return (N - k).to(tl.int64), (k * 0).to(tl.int64)
-        state = threshold_ptr + (b * 2 + TARGET) * 2
-        return tl.load(state), tl.load(state + 1)
+                in_bin = tl.load(row + tl.arange(0, 2048), cache_modifier=".cg")  # from L2, where the atomics went
+                prefix, remaining = _choose_bin(in_bin.to(tl.int64), prefix, remaining, PASS)
+                tl.store(state, prefix)
+                tl.store(state + 1, remaining)
 
     @triton.jit
     def _below_counts_kernel(
-        score_ptr, is_dst_ptr, threshold_ptr, counts_ptr, N, num_merged, num_agent_merged,
-        HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
+        score_ptr, is_dst_ptr, threshold_ptr, counts_ptr, N, HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         """Per target and block of tokens: the sources equal to the threshold key and below it."""
         b = tl.program_id(1)
         p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        key, source = _selection_keys(score_ptr, score_ptr, is_dst_ptr, b, p, p < N, N, False)
+        key, source = _selection_keys(score_ptr, is_dst_ptr, b, p, p < N, N)
         for target in tl.static_range(1 + HAS_AGENTS):
-            k = num_merged if target == 0 else num_agent_merged
-            threshold, _ = _selection_threshold(threshold_ptr, b, N, k, target, False)
+            threshold = tl.load(threshold_ptr + (b * 2 + target) * 2)
             out = counts_ptr + ((b * 2 + target) * tl.num_programs(0) + tl.program_id(0)) * 2
             tl.store(out, tl.sum((source & (key == threshold)).to(tl.int32), 0))
             tl.store(out + 1, tl.sum((source & (key < threshold)).to(tl.int32), 0))
 
     @triton.jit
     def _slots_kernel(
-        score_ptr, key_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, threshold_ptr, counts_ptr, slot_ptr, agent_slot_ptr,
-        N, D, num_merged, num_agent_merged,
-        RANKED: tl.constexpr, HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
+        score_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, threshold_ptr, counts_ptr, slot_ptr, agent_slot_ptr, N, D,
+        HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
     ):  # fmt: skip
-        """A source among the k best joins its best destination, the others take D + (unmerged sources
-        before them in token order); destinations keep their cell's slot."""
+        """_slots for a block of tokens, after the counts of the earlier blocks."""
         b = tl.program_id(1)
         p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = p < N
         best = tl.load(best_ptr + b * N + p, mask=ok, other=0)
         own_slot = tl.load(dst_slot_ptr + p, mask=ok, other=0)
-        key, source = _selection_keys(score_ptr, key_ptr, is_dst_ptr, b, p, ok, N, RANKED)
+        key, source = _selection_keys(score_ptr, is_dst_ptr, b, p, ok, N)
         earlier = tl.arange(0, MAX_PROGRAMS)
+        before = earlier < tl.program_id(0)
         for target in tl.static_range(1 + HAS_AGENTS):
-            k = num_merged if target == 0 else num_agent_merged
-            threshold, equal_wanted = _selection_threshold(threshold_ptr, b, N, k, target, RANKED)
-            # sources equal to / below the threshold in earlier blocks
+            state = threshold_ptr + (b * 2 + target) * 2
             counts = counts_ptr + ((b * 2 + target) * tl.num_programs(0) + earlier) * 2
-            before = earlier < tl.program_id(0)
             equal_before = tl.sum(tl.load(counts, mask=before, other=0).to(tl.int64), 0)
             below_before = tl.sum(tl.load(counts + 1, mask=before, other=0).to(tl.int64), 0)
-
-            equal = source & (key == threshold)
-            equal_rank = equal_before + tl.cumsum(equal.to(tl.int64), 0) - equal
-            merged = source & ((key > threshold) | (equal & (equal_rank < equal_wanted)))
-            unmerged = source & ~merged
-            unmerged_rank = below_before + tl.maximum(equal_before - equal_wanted, 0) + tl.cumsum(unmerged.to(tl.int64), 0) - unmerged
-            slot = tl.where(source, tl.where(merged, best, D + unmerged_rank), own_slot)
+            slot = _slots(key, source, best, own_slot, tl.load(state), tl.load(state + 1), equal_before, below_before, D)
             tl.store((slot_ptr if target == 0 else agent_slot_ptr) + b * N + p, slot, mask=ok)
 
     @triton.jit
@@ -460,6 +494,19 @@ def _resident_split(channels: int) -> tuple[int, int] | None:
     return main, rest
 
 
+# Eager calls at up to this many tokens (SD 512px, SDXL 1024px) are bound by the host: there a
+# block's plan takes the fewest launches (the matching gathers and normalises the destinations
+# itself, one program selects), at the price of more GPU time. Inside CUDA graphs, where launches
+# cost nothing, and at more tokens the kernels of least GPU time run (H100, batch 2, 4096 tokens:
+# 3 launches and ~80 us of host time less per block, 30-110 us more on the GPU;
+# scripts/results/2026-11-24-h100/kernels.md).
+HOST_BOUND_MAX_TOKENS = 4096
+
+
+def _host_bound(x: torch.Tensor, n_tokens: int) -> bool:
+    return n_tokens <= HOST_BOUND_MAX_TOKENS and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Tensor):
     """x (B, N, C), destination positions (D,) -> cosine score and index of the best destination,
     (B, N) float32 and int64; the score is -inf at destination tokens."""
@@ -468,32 +515,26 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Ten
         x = x.contiguous()
     num_dst = dst_index.numel()
     block_c = min(64, max(16, triton.next_power_of_2(channels)))
-    dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
-    _unit_destinations_kernel[(triton.cdiv(num_dst, 32), batch)](
-        x, dst_index, dst_unit, num_dst, channels, x.stride(0), x.stride(1), BLOCK_D=32, BLOCK_C=block_c
-    )
+    gather = _host_bound(x, n_tokens)
+    if gather:
+        dst_unit = x  # not read
+    else:
+        dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
+        _unit_destinations_kernel[(triton.cdiv(num_dst, 32), batch)](
+            x, dst_index, dst_unit, num_dst, channels, x.stride(0), x.stride(1), BLOCK_D=32, BLOCK_C=block_c
+        )
     score = torch.empty(batch, n_tokens, device=x.device, dtype=torch.float32)
     best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), batch)  # noqa: E731
+    args = (x, dst_unit, dst_index, is_dst, score, best, n_tokens, num_dst)
     strides = (x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1))
+    flags = dict(IEEE=x.dtype == torch.float32, GATHER=gather)
     split = _resident_split(channels)
     if split is not None:
-        _best_destination_resident_kernel[grid](
-            x, dst_unit, is_dst, score, best, n_tokens, num_dst, *strides,
-            IEEE=x.dtype == torch.float32, C_MAIN=split[0], C_REST=split[1],
-        )  # fmt: skip
+        _best_destination_resident_kernel[grid](*args, *strides, **flags, C_MAIN=split[0], C_REST=split[1])
     else:
-        _best_destination_kernel[grid](
-            x, dst_unit, is_dst, score, best, n_tokens, num_dst, channels, *strides,
-            IEEE=x.dtype == torch.float32, BLOCK_C=block_c,
-        )  # fmt: skip
+        _best_destination_kernel[grid](*args, channels, *strides, **flags, BLOCK_C=block_c)
     return score, best
-
-
-# Eager calls at up to 4096 tokens (SD 512px, SDXL 1024px) are bound by the host: there a pairwise
-# ranking and one slot pass (two launches) beat the six of the radix selection. On the GPU, and so
-# inside CUDA graphs, the radix selection is used (H100, batch 2: scripts/results/2026-11-23-h100/kernels_radix.md).
-PAIRWISE_MAX_TOKENS = 4096
 
 
 def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, num_agent_merged: int | None):
@@ -502,34 +543,27 @@ def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, n
     has_agents = num_agent_merged is not None
     slot = torch.empty_like(best)
     agent_slot = torch.empty_like(best) if has_agents else slot
-    counts = (n_tokens, num_dst, num_merged, num_agent_merged or 0)
-    capturing = score.is_cuda and torch.cuda.is_current_stream_capturing()
-    ranked = n_tokens <= PAIRWISE_MAX_TOKENS and not capturing
-    if ranked:
-        keys = torch.empty_like(best)
-        block_i, block_j = (64, 256) if not INTERPRET else (16, 32)
-        _pairwise_rank_kernel[(triton.cdiv(n_tokens, block_i), batch)](score, keys, n_tokens, BLOCK_I=block_i, BLOCK_J=block_j)
-        threshold = below = keys  # unused: one program per row, ranks are the keys
-        block, programs = triton.next_power_of_2(n_tokens), 1
-    else:
-        keys = score  # unused
-        block = 1024 if not INTERPRET else 64
-        programs = triton.cdiv(n_tokens, block)
-        hist_and_done = torch.zeros(batch * (5 * 2048 + 3), device=score.device, dtype=torch.int32)  # one memset
-        hist, done = hist_and_done.split([batch * 5 * 2048, batch * 3])
-        threshold = torch.empty(batch, 2, 2, device=score.device, dtype=torch.int64)
-        for radix_pass in range(3):
-            _histogram_kernel[(programs, batch)](
-                score, hist, done, threshold, n_tokens, num_merged, num_agent_merged or 0,
-                PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=block,
-            )  # fmt: skip
-        below = torch.empty(batch, 2, programs, 2, device=score.device, dtype=torch.int32)
-        _below_counts_kernel[(programs, batch)](
-            score, is_dst, threshold, below, n_tokens, num_merged, num_agent_merged or 0, HAS_AGENTS=has_agents, BLOCK=block
-        )
+    if _host_bound(score, n_tokens):  # one launch instead of six
+        _one_program_slots_kernel[(batch,)](
+            score, best, is_dst, dst_slot, slot, agent_slot, n_tokens, num_dst, num_merged, num_agent_merged or 0,
+            HAS_AGENTS=has_agents, BLOCK=triton.next_power_of_2(n_tokens), num_warps=8,
+        )  # fmt: skip
+        return slot, (agent_slot if has_agents else None)
+    block = 1024 if not INTERPRET else 64
+    programs = triton.cdiv(n_tokens, block)
+    hist_and_done = torch.zeros(batch * (5 * 2048 + 3), device=score.device, dtype=torch.int32)  # one memset
+    hist, done = hist_and_done.split([batch * 5 * 2048, batch * 3])
+    threshold = torch.empty(batch, 2, 2, device=score.device, dtype=torch.int64)
+    for radix_pass in range(3):
+        _histogram_kernel[(programs, batch)](
+            score, hist, done, threshold, n_tokens, num_merged, num_agent_merged or 0,
+            PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=block,
+        )  # fmt: skip
+    below = torch.empty(batch, 2, programs, 2, device=score.device, dtype=torch.int32)
+    _below_counts_kernel[(programs, batch)](score, is_dst, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=block)
     _slots_kernel[(programs, batch)](
-        score, keys, best, is_dst, dst_slot, threshold, below, slot, agent_slot, *counts,
-        RANKED=ranked, HAS_AGENTS=has_agents, BLOCK=block, MAX_PROGRAMS=triton.next_power_of_2(programs),
+        score, best, is_dst, dst_slot, threshold, below, slot, agent_slot, n_tokens, num_dst,
+        HAS_AGENTS=has_agents, BLOCK=block, MAX_PROGRAMS=triton.next_power_of_2(programs),
     )  # fmt: skip
     return slot, (agent_slot if has_agents else None)
 

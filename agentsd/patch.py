@@ -2,8 +2,8 @@
 
 What a patch installs, all of it undone by remove_patch:
 - a forward pre-hook and hook on the UNet: latent size, stage and timestep of the call;
-- a forward pre-hook on every BasicTransformerBlock: its merge plan, from the block input X,
-  given up after its last use;
+- a forward pre-hook on every BasicTransformerBlock of the merged levels: its merge plan, from the
+  block input X, given up after its last use (blocks of deeper levels are left alone);
 - AgentSDAttnProcessor on each block's attn1 (the replaced processor is kept inside it);
 - with merge_crossattn / merge_mlp, merge and unmerge hooks around attn2 / ff;
 - on a pipeline, a wrapper of scheduler.scale_model_input (the stage) and of progress_bar (to
@@ -59,7 +59,7 @@ def apply_patch(
         seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
     )  # fmt: skip
     unet, pipe = _find_unet(model)
-    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    blocks = transformer_blocks(unet)
     if not blocks:
         raise ValueError(f"{type(unet).__name__} has no transformer blocks (BasicTransformerBlock) to patch")
     if scheduler is not None and pipe is not None:
@@ -109,16 +109,17 @@ def _find_unet(model):
     raise TypeError(f"agentsd supports {SUPPORTED}; got {type(model).__name__}")
 
 
-def _top_level(unet: UNet2DConditionModel) -> int:
-    """Downsampling factor of the highest-resolution level with transformer blocks (1 for SD, 2 for SDXL)."""
-    levels = [2**i for i, block in enumerate(unet.down_blocks) if _has_transformer(block)]
-    last = len(unet.up_blocks) - 1
-    levels += [2 ** (last - i) for i, block in enumerate(unet.up_blocks) if _has_transformer(block)]
-    return min(levels, default=2**last)
+def transformer_blocks(unet: UNet2DConditionModel) -> list[tuple[int, BasicTransformerBlock]]:
+    """(downsampling factor of its level, block) for every BasicTransformerBlock of the UNet.
 
-
-def _has_transformer(module) -> bool:
-    return any(isinstance(m, BasicTransformerBlock) for m in module.modules())
+    Every down block but the last halves the resolution (UNet2DConditionModel's layout).
+    """
+    last = len(unet.down_blocks) - 1
+    parts = [(2**i, part) for i, part in enumerate(unet.down_blocks)] + [(2**last, unet.mid_block)]
+    parts += [(2 ** (last - i), part) for i, part in enumerate(unet.up_blocks)]
+    return [
+        (level, m) for level, part in parts if part is not None for m in part.modules() if isinstance(m, BasicTransformerBlock)
+    ]
 
 
 class UNetPatch:
@@ -126,7 +127,8 @@ class UNetPatch:
 
     def __init__(self, unet: UNet2DConditionModel, blocks, config: AgentSDConfig):
         self.config = config
-        self.max_downsample = config.max_downsample or _top_level(unet)
+        # By default only the highest-resolution level with transformer blocks (1 for SD, 2 for SDXL).
+        self.max_downsample = config.max_downsample or min(level for level, _ in blocks)
         self.tracker = StageTracker(config.stages)
         self.handles = [
             unet.register_forward_pre_hook(self.before_unet, with_kwargs=True),
@@ -140,7 +142,9 @@ class UNetPatch:
         self.seed = None  # None: top-left destinations
         self.timestep = None
 
-        for block in blocks:
+        for level, block in blocks:
+            if level > self.max_downsample:  # never merged: no hooks, no host time per call
+                continue
             # The plan is given up after its last use, before the feed-forward (where a call's memory peaks).
             users = (block.attn1, config.merge_attn), (block.attn2, config.merge_crossattn), (block.ff, config.merge_mlp)
             users = [m for m, wanted in users if wanted and m is not None]

@@ -14,20 +14,15 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from diffusers.models.attention import BasicTransformerBlock
 
 from agentsd.attention import AgentSDAttnProcessor
 from agentsd.merge import merge_counts
+from agentsd.patch import transformer_blocks
 
 
 def blocks_up_to(unet, max_downsample: int):
     """(downsample, block) of the BasicTransformerBlocks at levels downsampled at most `max_downsample`."""
-    last = len(unet.up_blocks) - 1
-    levels = [(2**i, b) for i, b in enumerate(unet.down_blocks)] + [(2**last, unet.mid_block)]
-    levels += [(2 ** (last - i), b) for i, b in enumerate(unet.up_blocks)]
-    return [
-        (level, m) for level, b in levels if level <= max_downsample for m in b.modules() if isinstance(m, BasicTransformerBlock)
-    ]
+    return [(level, block) for level, block in transformer_blocks(unet) if level <= max_downsample]
 
 
 _heads, _out = AgentSDAttnProcessor._heads, AgentSDAttnProcessor._out

@@ -16,12 +16,12 @@ target = GPUTarget("cuda", 90, 32)
 failures = []
 
 
-def check(fn, signature, constexprs):
+def check(fn, signature, constexprs, **options):
     while type(fn).__name__ != "JITFunction":
         fn = fn.fn
     src = ASTSource(fn, signature, constexprs)
     try:
-        triton.compile(src, target=target)
+        triton.compile(src, target=target, options=options)
         print("ok", fn.__name__, constexprs, flush=True)
     except Exception as e:
         msg = str(e)
@@ -43,22 +43,21 @@ for PASS in range(3):
               {"PASS": PASS, "HAS_AGENTS": agents, "BLOCK": 1024})
 for agents in (False, True):
     check(k._below_counts_kernel, {"score_ptr": P("fp32"), "is_dst_ptr": P("i1"), "threshold_ptr": P("i64"), "counts_ptr": P("i32"),
-          "N": "i32", "num_merged": "i32", "num_agent_merged": "i32", "HAS_AGENTS": "constexpr", "BLOCK": "constexpr"}, {"HAS_AGENTS": agents, "BLOCK": 1024})
-    for ranked in (False, True):
-        check(k._slots_kernel, {"score_ptr": P("fp32"), "key_ptr": P("i64"), "best_ptr": P("i64"), "is_dst_ptr": P("i1"), "dst_slot_ptr": P("i64"),
-              "threshold_ptr": P("i64"), "counts_ptr": P("i32"), "slot_ptr": P("i64"), "agent_slot_ptr": P("i64"),
-              "N": "i32", "D": "i32", "num_merged": "i32", "num_agent_merged": "i32",
-              "RANKED": "constexpr", "HAS_AGENTS": "constexpr", "BLOCK": "constexpr", "MAX_PROGRAMS": "constexpr"},
-              {"RANKED": ranked, "HAS_AGENTS": agents, "BLOCK": 1024, "MAX_PROGRAMS": 16})
-check(k._pairwise_rank_kernel, {"score_ptr": P("fp32"), "key_ptr": P("i64"), "N": "i32", "BLOCK_I": "constexpr", "BLOCK_J": "constexpr"}, {"BLOCK_I": 64, "BLOCK_J": 256})
-for ieee in (False, True):
+          "N": "i32", "HAS_AGENTS": "constexpr", "BLOCK": "constexpr"}, {"HAS_AGENTS": agents, "BLOCK": 1024})
+    check(k._slots_kernel, {"score_ptr": P("fp32"), "best_ptr": P("i64"), "is_dst_ptr": P("i1"), "dst_slot_ptr": P("i64"),
+          "threshold_ptr": P("i64"), "counts_ptr": P("i32"), "slot_ptr": P("i64"), "agent_slot_ptr": P("i64"), "N": "i32", "D": "i32",
+          "HAS_AGENTS": "constexpr", "BLOCK": "constexpr", "MAX_PROGRAMS": "constexpr"}, {"HAS_AGENTS": agents, "BLOCK": 1024, "MAX_PROGRAMS": 16})
+    check(k._one_program_slots_kernel, {"score_ptr": P("fp32"), "best_ptr": P("i64"), "is_dst_ptr": P("i1"), "dst_slot_ptr": P("i64"),
+          "slot_ptr": P("i64"), "agent_slot_ptr": P("i64"), "N": "i32", "D": "i32", "num_merged": "i32", "num_agent_merged": "i32",
+          "HAS_AGENTS": "constexpr", "BLOCK": "constexpr"}, {"HAS_AGENTS": agents, "BLOCK": 4096}, num_warps=8)
+for ieee, gather in ((False, False), (False, True), (True, True)):
     dt = "fp32" if ieee else "fp16"
-    check(k._best_destination_resident_kernel, {"x_ptr": P(dt), "dst_ptr": P(dt), "is_dst_ptr": P("i1"), "score_ptr": P("fp32"), "best_ptr": P("i64"),
-          "N": "i32", "D": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32",
-          "IEEE": "constexpr", "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-          {"IEEE": ieee, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64})
-    check(k._best_destination_kernel, {"x_ptr": P(dt), "dst_ptr": P(dt), "is_dst_ptr": P("i1"), "score_ptr": P("fp32"), "best_ptr": P("i64"),
-          "N": "i32", "D": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32",
-          "IEEE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
-          {"IEEE": ieee, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
+    pointers = {"x_ptr": P(dt), "dst_ptr": P(dt), "index_ptr": P("i64"), "is_dst_ptr": P("i1"), "score_ptr": P("fp32"), "best_ptr": P("i64")}
+    strides = {"stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32"}
+    check(k._best_destination_resident_kernel, {**pointers, "N": "i32", "D": "i32", **strides,
+          "IEEE": "constexpr", "GATHER": "constexpr", "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+          {"IEEE": ieee, "GATHER": gather, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8)
+    check(k._best_destination_kernel, {**pointers, "N": "i32", "D": "i32", "C": "i32", **strides,
+          "IEEE": "constexpr", "GATHER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
+          {"IEEE": ieee, "GATHER": gather, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
 sys.exit(1 if failures else 0)

@@ -1,7 +1,8 @@
 """Time of each kernel step of one block's merge plan and merge, at the shapes of SD 1.5 level 1
 (batch 2, 320 channels, fp16; agent stage sx=sy=4, ToMe stage sx=sy=2, ratio 0.4): GPU time inside a
-CUDA graph, and host time per eager call at 4096 tokens (where eager UNet calls are host-bound; the
-pairwise ranking runs only there, in eager calls).
+CUDA graph, and host time per eager call at 4096 tokens (where eager UNet calls are host-bound).
+The host-bound paths (one-program selection, matching that gathers the destinations itself; eager
+calls up to kernels.HOST_BOUND_MAX_TOKENS) are timed up to 9216 tokens.
 
     python scripts/kernel_benchmark.py
 """
@@ -23,6 +24,20 @@ def graph_us(fn, inner=10, reps=20):
     return median_ms(cuda_graph(fn, inner).replay, reps) * 1e3 / inner
 
 
+def eager_gpu_us(fn, calls=20):
+    """GPU microseconds of one eager call of fn: the calls queue up behind a sleeping kernel, then
+    run back to back, so that the host's launch time is not in the measurement."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(50_000_000)  # ~30 ms, longer than launching the calls takes
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
 def host_us(fn, calls=200):
     """Host microseconds to launch fn once (the GPU queue is not drained in between)."""
     for _ in range(5):
@@ -37,7 +52,6 @@ def host_us(fn, calls=200):
 
 
 def main():
-    kernels_pairwise_max = kernels.PAIRWISE_MAX_TOKENS
     torch.manual_seed(0)
     for n_tokens, cell, t, t_a in SHAPES:
         side = int(n_tokens**0.5)
@@ -46,21 +60,20 @@ def main():
         num_dst = dst.index.numel()
         score, best = kernels.best_destination(x, dst.index, dst.is_dst)
 
-        def assign(pairwise_max):
-            kernels.PAIRWISE_MAX_TOKENS = pairwise_max
+        def assign(host_bound_max):
+            kernels.HOST_BOUND_MAX_TOKENS = host_bound_max
             return kernels.assign_slots(score, best, dst.is_dst, dst.slot, num_dst, t, t_a)
 
-        def best_destination(resident):
-            kernels.RESIDENT = resident
+        def best_destination(host_bound_max):
+            kernels.HOST_BOUND_MAX_TOKENS = host_bound_max
             return kernels.best_destination(x, dst.index, dst.is_dst)
 
         slot, agent_slot = assign(0)
         steps = {
-            "best_destination": lambda: best_destination(True),
-            "best_destination, looped over channels": lambda: best_destination(False),
-            "assign_slots, radix": lambda: assign(0),
-            "assign_slots, pairwise": lambda: assign(10**9),
-            "argsort alone (the sort of the old assign_slots)": lambda: score.argsort(dim=-1, descending=True, stable=True),
+            "best_destination, normalised first": lambda: best_destination(0),
+            "best_destination, gathered (host-bound path)": lambda: best_destination(10**9),
+            "assign_slots, radix launches": lambda: assign(0),
+            "assign_slots, one program (host-bound path)": lambda: assign(10**9),
             "merge_mean": lambda: kernels.merge_mean(
                 x, slot, agent_slot, dst.index, dst.is_dst, n_tokens - t, n_tokens - t_a if t_a else None
             ),
@@ -68,9 +81,9 @@ def main():
         }
         print(f"N={n_tokens} cell={cell} D={num_dst} t={t} t_a={t_a}")
         for name, fn in steps.items():
-            if name.endswith("pairwise"):  # eager only (a CUDA graph captures the radix selection)
-                if n_tokens <= kernels_pairwise_max:
-                    print(f"  {name}: host {host_us(fn):.0f} us", flush=True)
+            if "host-bound" in name:  # eager only: captured in a CUDA graph the other path runs
+                if n_tokens <= 9216:
+                    print(f"  {name}: host {host_us(fn):.0f} us, GPU {eager_gpu_us(fn):.1f} us", flush=True)
                 continue
             host = f", host {host_us(fn):.0f} us" if n_tokens == 4096 else ""
             print(f"  {name}: {graph_us(fn):.1f} us{host}", flush=True)

@@ -42,6 +42,7 @@ VARIANTS = ["sdpa", "nocore", "tomesd", "todo", "agent", "free-agent", "tome", "
 STAGES = {"agent": dict(sx=4, sy=4, agent_ratio=0.95), "tome": dict(sx=2, sy=2, agent_ratio=0.5)}
 SCHEDULE = {"agent": 0.4, "tome": 0.6}  # the paper's split of the trajectory
 TOP_LEVEL = {"sd15": 1, "sd21": 1, "sdxl": 2}
+EAGER_TURN = 5  # timed eager calls of a variant in a row (after 3 untimed)
 
 
 def main(argv=None):
@@ -78,8 +79,10 @@ def main(argv=None):
         for ratio in args.ratios:
             for mode in args.modes:
                 names = [n for n in args.variants if not (mode == "compile" and n == "tomesd")]
-                # Eager calls are bound by the host, whose speed drifts: alternate the variants call by call.
-                rounds = args.reps if mode == "eager" and cuda else 1
+                # Eager calls are bound by the host, whose speed drifts: the variants take turns of a few
+                # calls each, in a row as in a denoising loop (a variant's first calls after the switch
+                # run with cold host caches and are not what a generation sees).
+                rounds = max(1, args.reps // EAGER_TURN) if mode == "eager" and cuda else 1
                 times = {name: [] for name in names}
                 errors = {}
                 for round_ in range(rounds):
@@ -175,7 +178,7 @@ def measure(unet, inputs, mode, reps, device):
     """Milliseconds of `reps` calls in `mode`: eager, a replayed CUDA graph, or torch.compile."""
     call = lambda: unet(*inputs)  # noqa: E731
     if device.type != "cuda" or mode == "eager":
-        return times_ms(call, reps, warmup=2)
+        return times_ms(call, reps, warmup=3)
     if mode == "compile":
         torch._dynamo.reset()
         compiled = torch.compile(unet, fullgraph=True)

@@ -41,7 +41,9 @@ def test_destinations(torch_path, seed, timestep):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels", [48, 40], ids=["resident", "looped"])  # 48 = 32 + 16 stays in registers
-def test_best_destination(torch_path, dtype, channels):
+@pytest.mark.parametrize("host_bound", [True, False], ids=["gather", "normalised-first"])
+def test_best_destination(torch_path, monkeypatch, dtype, channels, host_bound):
+    monkeypatch.setattr(kernels, "HOST_BOUND_MAX_TOKENS", 10**9 if host_bound else 0)
     x, dst = inputs(dtype, channels=channels)
     x = x * torch.linspace(0.1, 30, x.shape[1], device=DEVICE)[:, None].to(dtype)  # norms far from 1
     score, best = merge.best_destination(x, dst)
@@ -59,9 +61,9 @@ def test_best_destination(torch_path, dtype, channels):
 
 @pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("pairwise", [True, False], ids=["pairwise", "radix"])
-def test_assign_slots(torch_path, monkeypatch, merged, agents, ties, pairwise):
-    monkeypatch.setattr(kernels, "PAIRWISE_MAX_TOKENS", 10**9 if pairwise else 0)
+@pytest.mark.parametrize("host_bound", [True, False], ids=["one-program", "radix-launches"])
+def test_assign_slots(torch_path, monkeypatch, merged, agents, ties, host_bound):
+    monkeypatch.setattr(kernels, "HOST_BOUND_MAX_TOKENS", 10**9 if host_bound else 0)
     x, dst = inputs(torch.float32)
     score, best = merge.best_destination(x, dst)
     if ties:  # a few distinct values: ranks among equal scores follow the token index

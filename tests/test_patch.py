@@ -9,6 +9,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 from agentsd.attention import AgentSDAttnProcessor
+from agentsd.patch import transformer_blocks
 from conftest import run_unet, tiny_unet, unet_inputs
 from reference import reference_block_forward
 
@@ -100,8 +101,21 @@ def test_reapply_replaces_the_old_patch(unet, kind):
     assert torch.equal(run_unet(unet, inputs), tome)
     assert not torch.equal(agent, tome)
     hooks = sum(len(m._forward_pre_hooks) for m in unet.modules())
-    blocks = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
-    assert hooks == blocks + 1  # one per block and the UNet's: nothing left from earlier patches
+    assert hooks == len(merged_blocks(unet)) + 1  # one per merged block and the UNet's: nothing left from earlier patches
+
+
+def test_only_the_merged_levels_are_touched(unet, kind):
+    """Blocks of deeper levels keep their processor and get no hooks (no host time per call)."""
+    agentsd.apply_patch(unet, 0.5, **AGENT_STAGE)
+    merged = merged_blocks(unet)
+    assert 0 < len(merged) < len(transformer_blocks(unet))
+    for _, block in transformer_blocks(unet):
+        assert bool(block._forward_pre_hooks) == (block in merged)
+        assert isinstance(block.attn1.processor, AgentSDAttnProcessor) == (block in merged)
+
+
+def merged_blocks(unet):
+    return [block for level, block in transformer_blocks(unet) if level <= unet._agentsd.max_downsample]
 
 
 def test_cross_attention_and_mlp_merging_change_the_output(unet, kind):
@@ -124,7 +138,7 @@ def test_plans_are_freed_after_their_last_use(flags):
     unet = tiny_unet("sd15")
     agentsd.apply_patch(unet, 0.5, **TOME_STAGE, **flags)
     patch = unet._agentsd
-    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    blocks = merged_blocks(unet)
     block_merges = [next(iter(b._forward_pre_hooks.values())).__self__ for b in blocks]  # of BlockMerge.before_block
     planned, held_at_ff = [], []
     for block, block_merge in zip(blocks, block_merges):
