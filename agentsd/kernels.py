@@ -5,7 +5,7 @@ Per block and call:
 - best_destination: the cosine similarity of every token to every destination, reduced to the
   best one as it goes: the (B, N, D) similarity matrix is never written (1 GB per block at 2048px).
   Rows of up to 512 channels are loaded once and stay in registers. The destinations are gathered
-  and normalised in a launch before, or in host-bound eager calls inside the same launch;
+  and normalised in a launch before;
 - assign_slots: which sources merge (the t best scores), by a radix selection of the t-th score
   (no sort): six launches, or one in host-bound eager calls;
 - merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
@@ -98,20 +98,6 @@ if triton is not None:
         return tl.where(better, tile_best_dot, best_dot), tl.where(better, tile_best.to(tl.int32) + d0, best)
 
     @triton.jit
-    def _destination_columns(x_ptr, dst_ptr, index_ptr, dsts, D, b, stride_xb, stride_xn, stride_db, stride_dd, GATHER: tl.constexpr):
-        """Pointers to channel 0 of destinations dsts, as a row [1, BLOCK_D]: the rows of x at the
-        destination positions (GATHER), else the rows of the normalised destinations."""
-        if GATHER:
-            token = tl.load(index_ptr + dsts, mask=dsts < D, other=0)
-            return (x_ptr + b * stride_xb + token * stride_xn)[None, :]
-        return (dst_ptr + b * stride_db + dsts * stride_dd)[None, :]
-
-    @triton.jit
-    def _squared_norms(d):
-        """Squared norm of each column of a [channels, destinations] tile."""
-        return tl.sum(d.to(tl.float32) * d.to(tl.float32), axis=0)
-
-    @triton.jit
     def _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok):
         """Cosine score (-inf at destinations) and index of each row's best destination."""
         score = best_dot / tl.sqrt(squared_norm)
@@ -130,20 +116,19 @@ if triton is not None:
         ]
         if not INTERPRET
         else [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})],
-        key=["N", "D", "C", "GATHER"],  # gathering reads x directly: other loads, other best configs
+        key=["N", "D", "C"],
     )
     @triton.jit
     def _best_destination_kernel(
-        x_ptr, dst_ptr, index_ptr, is_dst_ptr, score_ptr, best_ptr,
+        x_ptr, dst_ptr, is_dst_ptr, score_ptr, best_ptr,
         N, D, C, stride_xb, stride_xn, stride_db, stride_dd,
-        IEEE: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        """Cosine score and index of each row's best destination, the destinations normalised
-        beforehand (dst_ptr) or, with GATHER, read from x and normalised here."""
         b = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         x_rows = x_ptr + b * stride_xb + rows[:, None] * stride_xn
+        dst_base = dst_ptr + b * stride_db
 
         squared_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -155,18 +140,16 @@ if triton is not None:
         best = tl.zeros([BLOCK_M], dtype=tl.int32)
         for d0 in range(0, D, BLOCK_D):
             dsts = d0 + tl.arange(0, BLOCK_D)
-            dst_cols = _destination_columns(x_ptr, dst_ptr, index_ptr, dsts, D, b, stride_xb, stride_xn, stride_db, stride_dd, GATHER)
             dot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            dst_norm = tl.zeros([BLOCK_D], dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
-                d = tl.load(dst_cols + cols[:, None], mask=(dsts[None, :] < D) & (cols[:, None] < C), other=0.0)
+                d = tl.load(
+                    dst_base + dsts[None, :] * stride_dd + cols[:, None],
+                    mask=(dsts[None, :] < D) & (cols[:, None] < C),
+                    other=0.0,
+                )
                 dot = _dot_update(dot, x, d, IEEE)
-                if GATHER:
-                    dst_norm += _squared_norms(d)
-            if GATHER:
-                dot = dot / tl.sqrt(dst_norm)[None, :]
             best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best)
 
         _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
@@ -181,13 +164,13 @@ if triton is not None:
         ]
         if not INTERPRET
         else [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})],
-        key=["N", "D", "C_MAIN", "C_REST", "GATHER"],
+        key=["N", "D", "C_MAIN", "C_REST"],
     )
     @triton.jit
     def _best_destination_resident_kernel(
-        x_ptr, dst_ptr, index_ptr, is_dst_ptr, score_ptr, best_ptr,
-        N, D, stride_xb, stride_xn, stride_db, stride_dd, IEEE: tl.constexpr, GATHER: tl.constexpr,
-        C_MAIN: tl.constexpr, C_REST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr, dst_ptr, is_dst_ptr, score_ptr, best_ptr,
+        N, D, stride_xb, stride_xn, stride_db, stride_dd,
+        IEEE: tl.constexpr, C_MAIN: tl.constexpr, C_REST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         """_best_destination_kernel for C = C_MAIN + C_REST channels (both powers of two, C_REST may be
         0): a block's rows are loaded once and stay in registers while the destinations stream by."""
@@ -203,21 +186,17 @@ if triton is not None:
             x_rest = tl.load(x_rows + rest[None, :], mask=row_ok[:, None], other=0.0)
             squared_norm += tl.sum(x_rest.to(tl.float32) * x_rest.to(tl.float32), axis=1)
 
+        dst_base = dst_ptr + b * stride_db
         best_dot = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         best = tl.zeros([BLOCK_M], dtype=tl.int32)
         for d0 in range(0, D, BLOCK_D):
             dsts = d0 + tl.arange(0, BLOCK_D)
-            dst_cols = _destination_columns(x_ptr, dst_ptr, index_ptr, dsts, D, b, stride_xb, stride_xn, stride_db, stride_dd, GATHER)
+            dst_cols = dst_base + dsts[None, :] * stride_dd
             d_main = tl.load(dst_cols + main[:, None], mask=dsts[None, :] < D, other=0.0)
             dot = _dot_update(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), x_main, d_main, IEEE)
             if C_REST > 0:
                 d_rest = tl.load(dst_cols + rest[:, None], mask=dsts[None, :] < D, other=0.0)
                 dot = _dot_update(dot, x_rest, d_rest, IEEE)
-            if GATHER:
-                dst_norm = _squared_norms(d_main)
-                if C_REST > 0:
-                    dst_norm += _squared_norms(d_rest)
-                dot = dot / tl.sqrt(dst_norm)[None, :]
             best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best)
 
         _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
@@ -494,19 +473,6 @@ def _resident_split(channels: int) -> tuple[int, int] | None:
     return main, rest
 
 
-# Eager calls at up to this many tokens (SD 512px, SDXL 1024px) are bound by the host: there a
-# block's plan takes the fewest launches (the matching gathers and normalises the destinations
-# itself, one program selects), at the price of more GPU time. Inside CUDA graphs, where launches
-# cost nothing, and at more tokens the kernels of least GPU time run (H100, batch 2, 4096 tokens:
-# 3 launches and ~80 us of host time less per block, 30-110 us more on the GPU;
-# scripts/results/2026-11-24-h100/kernels.md).
-HOST_BOUND_MAX_TOKENS = 4096
-
-
-def _host_bound(x: torch.Tensor, n_tokens: int) -> bool:
-    return n_tokens <= HOST_BOUND_MAX_TOKENS and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Tensor):
     """x (B, N, C), destination positions (D,) -> cosine score and index of the best destination,
     (B, N) float32 and int64; the score is -inf at destination tokens."""
@@ -515,26 +481,29 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Ten
         x = x.contiguous()
     num_dst = dst_index.numel()
     block_c = min(64, max(16, triton.next_power_of_2(channels)))
-    gather = _host_bound(x, n_tokens)
-    if gather:
-        dst_unit = x  # not read
-    else:
-        dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
-        _unit_destinations_kernel[(triton.cdiv(num_dst, 32), batch)](
-            x, dst_index, dst_unit, num_dst, channels, x.stride(0), x.stride(1), BLOCK_D=32, BLOCK_C=block_c
-        )
+    dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
+    _unit_destinations_kernel[(triton.cdiv(num_dst, 32), batch)](
+        x, dst_index, dst_unit, num_dst, channels, x.stride(0), x.stride(1), BLOCK_D=32, BLOCK_C=block_c
+    )
     score = torch.empty(batch, n_tokens, device=x.device, dtype=torch.float32)
     best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
     grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), batch)  # noqa: E731
-    args = (x, dst_unit, dst_index, is_dst, score, best, n_tokens, num_dst)
+    args = (x, dst_unit, is_dst, score, best, n_tokens, num_dst)
     strides = (x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1))
-    flags = dict(IEEE=x.dtype == torch.float32, GATHER=gather)
     split = _resident_split(channels)
     if split is not None:
-        _best_destination_resident_kernel[grid](*args, *strides, **flags, C_MAIN=split[0], C_REST=split[1])
+        _best_destination_resident_kernel[grid](*args, *strides, IEEE=x.dtype == torch.float32, C_MAIN=split[0], C_REST=split[1])
     else:
-        _best_destination_kernel[grid](*args, channels, *strides, **flags, BLOCK_C=block_c)
+        _best_destination_kernel[grid](*args, channels, *strides, IEEE=x.dtype == torch.float32, BLOCK_C=block_c)
     return score, best
+
+
+# Eager calls at up to this many tokens (SD 512px, SDXL 1024px) are bound by the host: there one
+# program per batch row selects and assigns the slots, one launch instead of six, though it takes
+# more GPU time. Inside CUDA graphs, where launches cost nothing, and at more tokens the six
+# launches of least GPU time run (H100, batch 2, 4096 tokens: ~160 us of host time less per block,
+# 60-80 us more on the GPU; scripts/results/2026-11-24-h100/kernels.md).
+HOST_BOUND_MAX_TOKENS = 4096
 
 
 def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, num_agent_merged: int | None):
@@ -543,7 +512,8 @@ def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, n
     has_agents = num_agent_merged is not None
     slot = torch.empty_like(best)
     agent_slot = torch.empty_like(best) if has_agents else slot
-    if _host_bound(score, n_tokens):  # one launch instead of six
+    capturing = score.is_cuda and torch.cuda.is_current_stream_capturing()
+    if n_tokens <= HOST_BOUND_MAX_TOKENS and not capturing:
         _one_program_slots_kernel[(batch,)](
             score, best, is_dst, dst_slot, slot, agent_slot, n_tokens, num_dst, num_merged, num_agent_merged or 0,
             HAS_AGENTS=has_agents, BLOCK=triton.next_power_of_2(n_tokens), num_warps=8,

@@ -50,14 +50,14 @@ for agents in (False, True):
     check(k._one_program_slots_kernel, {"score_ptr": P("fp32"), "best_ptr": P("i64"), "is_dst_ptr": P("i1"), "dst_slot_ptr": P("i64"),
           "slot_ptr": P("i64"), "agent_slot_ptr": P("i64"), "N": "i32", "D": "i32", "num_merged": "i32", "num_agent_merged": "i32",
           "HAS_AGENTS": "constexpr", "BLOCK": "constexpr"}, {"HAS_AGENTS": agents, "BLOCK": 4096}, num_warps=8)
-for ieee, gather in ((False, False), (False, True), (True, True)):
+for ieee in (False, True):
     dt = "fp32" if ieee else "fp16"
-    pointers = {"x_ptr": P(dt), "dst_ptr": P(dt), "index_ptr": P("i64"), "is_dst_ptr": P("i1"), "score_ptr": P("fp32"), "best_ptr": P("i64")}
+    pointers = {"x_ptr": P(dt), "dst_ptr": P(dt), "is_dst_ptr": P("i1"), "score_ptr": P("fp32"), "best_ptr": P("i64")}
     strides = {"stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32"}
     check(k._best_destination_resident_kernel, {**pointers, "N": "i32", "D": "i32", **strides,
-          "IEEE": "constexpr", "GATHER": "constexpr", "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-          {"IEEE": ieee, "GATHER": gather, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8)
+          "IEEE": "constexpr", "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+          {"IEEE": ieee, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8)
     check(k._best_destination_kernel, {**pointers, "N": "i32", "D": "i32", "C": "i32", **strides,
-          "IEEE": "constexpr", "GATHER": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
-          {"IEEE": ieee, "GATHER": gather, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
+          "IEEE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
+          {"IEEE": ieee, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
 sys.exit(1 if failures else 0)

@@ -1,8 +1,8 @@
 """Time of each kernel step of one block's merge plan and merge, at the shapes of SD 1.5 level 1
 (batch 2, 320 channels, fp16; agent stage sx=sy=4, ToMe stage sx=sy=2, ratio 0.4): GPU time inside a
 CUDA graph, and host time per eager call at 4096 tokens (where eager UNet calls are host-bound).
-The host-bound paths (one-program selection, matching that gathers the destinations itself; eager
-calls up to kernels.HOST_BOUND_MAX_TOKENS) are timed up to 9216 tokens.
+The one-program selection of host-bound eager calls (up to kernels.HOST_BOUND_MAX_TOKENS) is
+timed up to 9216 tokens.
 
     python scripts/kernel_benchmark.py
 """
@@ -64,14 +64,9 @@ def main():
             kernels.HOST_BOUND_MAX_TOKENS = host_bound_max
             return kernels.assign_slots(score, best, dst.is_dst, dst.slot, num_dst, t, t_a)
 
-        def best_destination(host_bound_max):
-            kernels.HOST_BOUND_MAX_TOKENS = host_bound_max
-            return kernels.best_destination(x, dst.index, dst.is_dst)
-
         slot, agent_slot = assign(0)
         steps = {
-            "best_destination, normalised first": lambda: best_destination(0),
-            "best_destination, gathered (host-bound path)": lambda: best_destination(10**9),
+            "best_destination": lambda: kernels.best_destination(x, dst.index, dst.is_dst),
             "assign_slots, radix launches": lambda: assign(0),
             "assign_slots, one program (host-bound path)": lambda: assign(10**9),
             "merge_mean": lambda: kernels.merge_mean(
