@@ -501,8 +501,8 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Ten
 # Eager calls at up to this many tokens (SD 512px, SDXL 1024px) are bound by the host: there one
 # program per batch row selects and assigns the slots, one launch instead of six, though it takes
 # more GPU time. Inside CUDA graphs, where launches cost nothing, and at more tokens the six
-# launches of least GPU time run (H100, batch 2, 4096 tokens: ~160 us of host time less per block,
-# 60-80 us more on the GPU; scripts/results/2026-11-24-h100/kernels.md).
+# launches of least GPU time run (H100, batch 2, 4096 tokens: 90-190 us of host time less per
+# block, 60-180 us more on the GPU; scripts/results/2026-11-23-h100/kernels_24a9800.md).
 HOST_BOUND_MAX_TOKENS = 4096
 
 

@@ -4,11 +4,12 @@ baseline's: where an eager call at 512px (bound by the host, not the GPU) spends
     python scripts/host_overhead.py --config sd15-512 --ratio 0.4
 
 Each piece is called --calls times in a row and timed on the host clock without waiting for the
-GPU: at these sizes the host launches more slowly than the GPU runs, so the launch time is the time.
+GPU (scripts/timing.host_us). Where a piece's GPU time is the larger (a whole block, which runs
+its feed-forward too), the queue fills and the figure is GPU time instead; the UNet calls are
+host-bound at 512px.
 """
 
 import argparse
-import time
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -18,6 +19,7 @@ from agentsd import kernels
 from agentsd.merge import choose_destinations, merge, merge_with_agents, token_grid, unmerge
 from agentsd.models import unet_from_config
 from speed_benchmark import CONFIGS, STAGES, unet_inputs
+from timing import host_us
 
 if kernels.triton is not None:
 
@@ -25,18 +27,6 @@ if kernels.triton is not None:
     def _empty_kernel(x_ptr, n, BLOCK: kernels.tl.constexpr):
         p = kernels.tl.program_id(0) * BLOCK + kernels.tl.arange(0, BLOCK)
         kernels.tl.store(x_ptr + p, 0.0, mask=p < n)
-
-
-def host_us(fn, calls: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed * 1e6 / calls
 
 
 @torch.no_grad()

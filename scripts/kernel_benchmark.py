@@ -7,12 +7,10 @@ timed up to 9216 tokens.
     python scripts/kernel_benchmark.py
 """
 
-import time
-
 import torch
 
 from agentsd import kernels, merge
-from timing import cuda_graph, median_ms
+from timing import cuda_graph, host_us, median_ms
 
 # (tokens, cell size, t, t_a or None): the agent and ToMe stages at 512, 768, 1024 and 2048px
 SHAPES = [(4096, 4, 1638, 3840), (4096, 2, 1638, None), (9216, 4, 3686, 8640), (9216, 2, 3686, None),
@@ -36,19 +34,6 @@ def eager_gpu_us(fn, calls=20):
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / calls
-
-
-def host_us(fn, calls=200):
-    """Host microseconds to launch fn once (the GPU queue is not drained in between)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 def main():

@@ -1,4 +1,5 @@
-"""Median milliseconds of a call (CUDA events on the GPU, the host clock on the CPU), and CUDA graphs of calls."""
+"""Median milliseconds of a call (CUDA events on the GPU, the host clock on the CPU), host time of
+eager launches, and CUDA graphs of calls."""
 
 import statistics
 import time
@@ -28,6 +29,20 @@ def times_ms(fn, reps: int, warmup: int = 3) -> list[float]:
             fn()
             times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def host_us(fn, calls: int = 200, warmup: int = 5) -> float:
+    """Host microseconds to launch fn once: calls in a row, the GPU queue not drained in between
+    (at the sizes where eager calls are host-bound the GPU keeps up, so this is the call's time)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def cuda_graph(fn, repeats: int = 1) -> torch.cuda.CUDAGraph:
