@@ -106,16 +106,14 @@ if triton is not None:
         tl.store(score_ptr + b * N + rows, score, mask=row_ok)
         tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
 
+    def _matching_configs(*configs):
+        """Autotuning candidates (BLOCK_M, BLOCK_D, num_warps, num_stages); one small tile in the interpreter."""
+        if INTERPRET:
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w, num_stages=st) for m, d, w, st in configs]
+
     @triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_D": 256}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_D": 128}, num_warps=4, num_stages=3),
-        ]
-        if not INTERPRET
-        else [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})],
+        configs=_matching_configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)),
         key=["N", "D", "C"],
     )
     @triton.jit
@@ -155,15 +153,7 @@ if triton is not None:
         _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
 
     @triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_D": 128}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_D": 128}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4),
-        ]
-        if not INTERPRET
-        else [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})],
+        configs=_matching_configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3), (64, 64, 4, 4)),
         key=["N", "D", "C_MAIN", "C_REST"],
     )
     @triton.jit
