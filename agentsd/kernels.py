@@ -197,7 +197,7 @@ if triton is not None:
     # selection over its 32 bits in three histogram passes (11, 11, 10 bits). Each pass is a launch
     # over all tokens whose last program to finish reads the histogram and leaves the bits found so
     # far in `threshold`; two more launches count and assign. In host-bound eager calls one program
-    # per batch row holds all tokens and does everything (one launch, more GPU time).
+    # per batch row holds all tokens and does everything by bitwise search (one launch, more GPU time).
 
     @triton.jit
     def _order_key(score):
@@ -256,22 +256,33 @@ if triton is not None:
         score_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, N, D, num_merged, num_agent_merged,
         HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """The selection and slots of one batch row in one program, all N keys in registers."""
+        """The selection and slots of one batch row in one program, all N (< 2**15) keys in registers.
+
+        The k-th largest key is decided bit by bit from the top: a bit is set when at least k keys
+        reach the bits so far with it set. 32 counts, whatever the scores (histograms of the UNet's
+        scores, which crowd into a few bins, serialise on their atomics). Both targets are counted
+        in one sum: the merged plan's count in the low 16 bits, the agents' above.
+        """
         b = tl.program_id(0)
         p = tl.arange(0, BLOCK)
         ok = p < N
         key, source = _selection_keys(score_ptr, is_dst_ptr, b, p, ok, N)
+        key = tl.where(ok, key, -1)  # padding reaches no threshold
+        merged_key = tl.zeros([], dtype=tl.int64)
+        agent_key = tl.zeros([], dtype=tl.int64)
+        for bit in tl.static_range(31, -1, -1):
+            merged_try, agent_try = merged_key | (1 << bit), agent_key | (1 << bit)
+            reaching = tl.sum((key >= merged_try).to(tl.int32) + ((key >= agent_try).to(tl.int32) << 16), 0)
+            merged_key = tl.where((reaching & 0xFFFF) >= num_merged, merged_try, merged_key)
+            agent_key = tl.where((reaching >> 16) >= num_agent_merged, agent_try, agent_key)
+        above = tl.sum((key > merged_key).to(tl.int32) + ((key > agent_key).to(tl.int32) << 16), 0)
         best = tl.load(best_ptr + b * N + p, mask=ok, other=0)
         own_slot = tl.load(dst_slot_ptr + p, mask=ok, other=0)
-        top_digits = tl.histogram(_digit(key, 0), 2048, mask=ok).to(tl.int64)  # pass 0 is shared
-        for target in tl.static_range(1 + HAS_AGENTS):
-            k = (num_merged if target == 0 else num_agent_merged).to(tl.int64)
-            prefix, remaining = _choose_bin(top_digits, 0, k, 0)
-            for radix_pass in tl.static_range(1, 3):
-                in_bin = tl.histogram(_digit(key, radix_pass), 2048, mask=ok & _has_prefix(key, prefix, radix_pass))
-                prefix, remaining = _choose_bin(in_bin.to(tl.int64), prefix, remaining, radix_pass)
-            slot = _slots(key, source, best, own_slot, prefix, remaining, 0, 0, D)
-            tl.store((slot_ptr if target == 0 else agent_slot_ptr) + b * N + p, slot, mask=ok)
+        slot = _slots(key, source, best, own_slot, merged_key, num_merged - (above & 0xFFFF), 0, 0, D)
+        tl.store(slot_ptr + b * N + p, slot, mask=ok)
+        if HAS_AGENTS:
+            slot = _slots(key, source, best, own_slot, agent_key, num_agent_merged - (above >> 16), 0, 0, D)
+            tl.store(agent_slot_ptr + b * N + p, slot, mask=ok)
 
     @triton.jit
     def _histogram_kernel(
@@ -503,7 +514,7 @@ def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, n
     slot = torch.empty_like(best)
     agent_slot = torch.empty_like(best) if has_agents else slot
     capturing = score.is_cuda and torch.cuda.is_current_stream_capturing()
-    if n_tokens <= HOST_BOUND_MAX_TOKENS and not capturing:
+    if n_tokens <= min(HOST_BOUND_MAX_TOKENS, 2**15 - 1) and not capturing:  # 16-bit counts
         _one_program_slots_kernel[(batch,)](
             score, best, is_dst, dst_slot, slot, agent_slot, n_tokens, num_dst, num_merged, num_agent_merged or 0,
             HAS_AGENTS=has_agents, BLOCK=triton.next_power_of_2(n_tokens), num_warps=8,

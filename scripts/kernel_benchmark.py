@@ -44,8 +44,10 @@ def main():
         dst = merge.choose_destinations(merge.Grid(1, side, side), cell, cell, seed=0, timestep=981, device="cuda")
         num_dst = dst.index.numel()
         score, best = kernels.best_destination(x, dst.index, dst.is_dst)
+        # The UNet's block inputs share a large common direction: their scores crowd near 1.
+        crowded = kernels.best_destination(x + 60 * torch.randn(320, device="cuda").half(), dst.index, dst.is_dst)[0]
 
-        def assign(host_bound_max):
+        def assign(host_bound_max, score=score):
             kernels.HOST_BOUND_MAX_TOKENS = host_bound_max
             return kernels.assign_slots(score, best, dst.is_dst, dst.slot, num_dst, t, t_a)
 
@@ -54,6 +56,7 @@ def main():
             "best_destination": lambda: kernels.best_destination(x, dst.index, dst.is_dst),
             "assign_slots, radix launches": lambda: assign(0),
             "assign_slots, one program (host-bound path)": lambda: assign(10**9),
+            "assign_slots, one program (host-bound path), crowded scores": lambda: assign(10**9, crowded),
             "merge_mean": lambda: kernels.merge_mean(
                 x, slot, agent_slot, dst.index, dst.is_dst, n_tokens - t, n_tokens - t_a if t_a else None
             ),
