@@ -7,7 +7,7 @@ Per block and call:
   Rows of up to 512 channels are loaded once and stay in registers. The destinations are gathered
   and normalised in a launch before;
 - assign_slots: which sources merge (the t best scores), by a radix selection of the t-th score
-  (no sort): six launches, or one in host-bound eager calls;
+  (no sort): one program per batch row up to 4096 tokens, else six launches;
 - merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
   merged sources are summed into their destination with atomics on 64-bit fixed point: integer
   addition does not depend on the order of the atomics, so results are deterministic (float atomics
@@ -196,8 +196,8 @@ if triton is not None:
     # set of the t best (ties: lower index first) is needed: the t-th score is found by a radix
     # selection over its 32 bits in three histogram passes (11, 11, 10 bits). Each pass is a launch
     # over all tokens whose last program to finish reads the histogram and leaves the bits found so
-    # far in `threshold`; two more launches count and assign. In host-bound eager calls one program
-    # per batch row holds all tokens and does everything by bitwise search (one launch, more GPU time).
+    # far in `threshold`; two more launches count and assign. Up to ONE_PROGRAM_MAX_TOKENS one
+    # program per batch row holds all tokens and does everything by a bitwise search (one launch).
 
     @triton.jit
     def _order_key(score):
@@ -499,12 +499,11 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Ten
     return score, best
 
 
-# Eager calls at up to this many tokens (SD 512px, SDXL 1024px) are bound by the host: there one
-# program per batch row selects and assigns the slots, one launch instead of six, though it takes
-# more GPU time. Inside CUDA graphs, where launches cost nothing, and at more tokens the six
-# launches of least GPU time run (H100, batch 2, 4096 tokens: 90-190 us of host time less per
-# block, 60-180 us more on the GPU; scripts/results/2026-11-23-h100/kernels_24a9800.md).
-HOST_BOUND_MAX_TOKENS = 4096
+# Up to this many tokens (SD 512px, SDXL 1024px) one program per batch row selects and assigns the
+# slots: one launch instead of six, and less GPU time too (H100, batch 2, 4096 tokens: 19.5 against
+# 36 us, host 30-60 against 200 us). At 9216 tokens its GPU time is 3x that of the six launches
+# (scripts/results/2026-11-23-h100/kernels_acd48c4.md).
+ONE_PROGRAM_MAX_TOKENS = 4096
 
 
 def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, num_agent_merged: int | None):
@@ -513,8 +512,7 @@ def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, n
     has_agents = num_agent_merged is not None
     slot = torch.empty_like(best)
     agent_slot = torch.empty_like(best) if has_agents else slot
-    capturing = score.is_cuda and torch.cuda.is_current_stream_capturing()
-    if n_tokens <= min(HOST_BOUND_MAX_TOKENS, 2**15 - 1) and not capturing:  # 16-bit counts
+    if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1):  # its counts have 16 bits
         _one_program_slots_kernel[(batch,)](
             score, best, is_dst, dst_slot, slot, agent_slot, n_tokens, num_dst, num_merged, num_agent_merged or 0,
             HAS_AGENTS=has_agents, BLOCK=triton.next_power_of_2(n_tokens), num_warps=8,

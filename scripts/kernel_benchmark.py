@@ -1,8 +1,7 @@
 """Time of each kernel step of one block's merge plan and merge, at the shapes of SD 1.5 level 1
 (batch 2, 320 channels, fp16; agent stage sx=sy=4, ToMe stage sx=sy=2, ratio 0.4): GPU time inside a
 CUDA graph, and host time per eager call at 4096 tokens (where eager UNet calls are host-bound).
-The one-program selection of host-bound eager calls (up to kernels.HOST_BOUND_MAX_TOKENS) is
-timed up to 9216 tokens.
+The one-program selection (used up to kernels.ONE_PROGRAM_MAX_TOKENS) is timed up to 9216 tokens.
 
     python scripts/kernel_benchmark.py
 """
@@ -22,20 +21,6 @@ def graph_us(fn, inner=10, reps=20):
     return median_ms(cuda_graph(fn, inner).replay, reps) * 1e3 / inner
 
 
-def eager_gpu_us(fn, calls=20):
-    """GPU microseconds of one eager call of fn: the calls queue up behind a sleeping kernel, then
-    run back to back, so that the host's launch time is not in the measurement."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(50_000_000)  # ~30 ms, longer than launching the calls takes
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
-
-
 def main():
     torch.manual_seed(0)
     for n_tokens, cell, t, t_a in SHAPES:
@@ -47,16 +32,16 @@ def main():
         # The UNet's block inputs share a large common direction: their scores crowd near 1.
         crowded = kernels.best_destination(x + 60 * torch.randn(320, device="cuda").half(), dst.index, dst.is_dst)[0]
 
-        def assign(host_bound_max, score=score):
-            kernels.HOST_BOUND_MAX_TOKENS = host_bound_max
+        def assign(one_program_max, score=score):
+            kernels.ONE_PROGRAM_MAX_TOKENS = one_program_max
             return kernels.assign_slots(score, best, dst.is_dst, dst.slot, num_dst, t, t_a)
 
         slot, agent_slot = assign(0)
         steps = {
             "best_destination": lambda: kernels.best_destination(x, dst.index, dst.is_dst),
             "assign_slots, radix launches": lambda: assign(0),
-            "assign_slots, one program (host-bound path)": lambda: assign(10**9),
-            "assign_slots, one program (host-bound path), crowded scores": lambda: assign(10**9, crowded),
+            "assign_slots, one program": lambda: assign(10**9),
+            "assign_slots, one program, crowded scores": lambda: assign(10**9, crowded),
             "merge_mean": lambda: kernels.merge_mean(
                 x, slot, agent_slot, dst.index, dst.is_dst, n_tokens - t, n_tokens - t_a if t_a else None
             ),
@@ -64,9 +49,7 @@ def main():
         }
         print(f"N={n_tokens} cell={cell} D={num_dst} t={t} t_a={t_a}")
         for name, fn in steps.items():
-            if "host-bound" in name:  # eager only: captured in a CUDA graph the other path runs
-                if n_tokens <= 9216:
-                    print(f"  {name}: host {host_us(fn):.0f} us, GPU {eager_gpu_us(fn):.1f} us", flush=True)
+            if "one program" in name and n_tokens > 9216:
                 continue
             host = f", host {host_us(fn):.0f} us" if n_tokens == 4096 else ""
             print(f"  {name}: {graph_us(fn):.1f} us{host}", flush=True)

@@ -59,9 +59,9 @@ def test_best_destination(torch_path, dtype, channels):
 
 @pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("host_bound", [True, False], ids=["one-program", "radix-launches"])
-def test_assign_slots(torch_path, monkeypatch, merged, agents, ties, host_bound):
-    monkeypatch.setattr(kernels, "HOST_BOUND_MAX_TOKENS", 10**9 if host_bound else 0)
+@pytest.mark.parametrize("one_program", [True, False], ids=["one-program", "radix-launches"])
+def test_assign_slots(torch_path, monkeypatch, merged, agents, ties, one_program):
+    monkeypatch.setattr(kernels, "ONE_PROGRAM_MAX_TOKENS", 10**9 if one_program else 0)
     x, dst = inputs(torch.float32)
     score, best = merge.best_destination(x, dst)
     if ties:  # a few distinct values: ranks among equal scores follow the token index
