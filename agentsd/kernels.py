@@ -2,10 +2,10 @@
 
 Per block and call:
 - destinations: the block's destination pattern, from the call's timestep tensor, in one launch;
-- best_destination: the cosine similarity of every token to every destination, reduced to the
-  best one as it goes: the (B, N, D) similarity matrix is never written (1 GB per block at 2048px).
-  Rows of up to 512 channels are loaded once and stay in registers. The destinations are gathered
-  and normalised in a launch before;
+- best_destination: the cosine similarity of every source to every destination, reduced to the
+  best one as it goes: the (B, N - D, D) similarity matrix is never written (1 GB per block at
+  2048px). Rows of up to 512 channels are loaded once and stay in registers. A launch before
+  gathers and normalises the destinations and gives them the score -inf;
 - assign_slots: which sources merge (the t best scores), by a radix selection of the t-th score
   (no sort): one program per batch row up to 4096 tokens, else six launches;
 - merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
@@ -90,21 +90,38 @@ if triton is not None:
         return tl.dot(x, d, dot)
 
     @triton.jit
-    def _keep_best(dot, d0, dsts, D, best_dot, best):
+    def _source_tokens(ordinal, dst_index_ptr, W, cells_x, cells_y, SY: tl.constexpr, SX: tl.constexpr):
+        """Token positions of the sources, numbered in cell order: the sy*sx - 1 sources of each
+        complete cell (its destination skipped), then the tokens right of the complete cells, then
+        those below them."""
+        in_cells = ordinal < cells_x * cells_y * (SY * SX - 1)
+        cell, k = ordinal // (SY * SX - 1), ordinal % (SY * SX - 1)
+        cell_row, cell_col = cell // cells_x, cell % cells_x
+        dst = tl.load(dst_index_ptr + cell, mask=in_cells, other=0).to(tl.int32)
+        dst_offset = (dst // W - cell_row * SY) * SX + dst % W - cell_col * SX
+        offset = k + (k >= dst_offset)
+        cell_token = (cell_row * SY + offset // SX) * W + cell_col * SX + offset % SX
+        rest = ordinal - cells_x * cells_y * (SY * SX - 1)
+        right = tl.maximum(W - cells_x * SX, 1)
+        right_count = cells_y * SY * (W - cells_x * SX)
+        right_token = (rest // right) * W + cells_x * SX + rest % right
+        below_token = cells_y * SY * W + rest - right_count
+        return tl.where(in_cells, cell_token, tl.where(rest < right_count, right_token, below_token))
+
+    @triton.jit
+    def _keep_best(dot, d0, dsts, D, best_dot, best, EVEN_D: tl.constexpr):
         """Fold a tile of dot products (rows x destinations dsts) into the best so far (ties: lower index)."""
-        dot = tl.where(dsts[None, :] < D, dot, float("-inf"))
+        if not EVEN_D:  # the tile runs past the last destination
+            dot = tl.where(dsts[None, :] < D, dot, float("-inf"))
         tile_best_dot, tile_best = tl.max(dot, axis=1, return_indices=True)
         better = tile_best_dot > best_dot
         return tl.where(better, tile_best_dot, best_dot), tl.where(better, tile_best.to(tl.int32) + d0, best)
 
     @triton.jit
-    def _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok):
-        """Cosine score (-inf at destinations) and index of each row's best destination."""
-        score = best_dot / tl.sqrt(squared_norm)
-        is_dst = tl.load(is_dst_ptr + rows, mask=row_ok, other=0)
-        score = tl.where(is_dst != 0, float("-inf"), score)
-        tl.store(score_ptr + b * N + rows, score, mask=row_ok)
-        tl.store(best_ptr + b * N + rows, best.to(tl.int64), mask=row_ok)
+    def _store_best(best_dot, best, squared_norm, score_ptr, best_ptr, b, N, tokens, row_ok):
+        """Cosine score and index of each source's best destination, at its token position."""
+        tl.store(score_ptr + b * N + tokens, best_dot / tl.sqrt(squared_norm), mask=row_ok)
+        tl.store(best_ptr + b * N + tokens, best.to(tl.int64), mask=row_ok)
 
     def _matching_configs(*configs):
         """Autotuning candidates (BLOCK_M, BLOCK_D, num_warps, num_stages); one small tile in the interpreter."""
@@ -116,16 +133,20 @@ if triton is not None:
         configs=_matching_configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)),
         key=["N", "D", "C"],
     )
+    @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
     @triton.jit
     def _best_destination_kernel(
-        x_ptr, dst_ptr, is_dst_ptr, score_ptr, best_ptr,
-        N, D, C, stride_xb, stride_xn, stride_db, stride_dd,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        x_ptr, dst_ptr, dst_index_ptr, score_ptr, best_ptr,
+        N, D, C, W, cells_x, cells_y, stride_xb, stride_xn, stride_db, stride_dd,
+        SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
+        """Rows: the sources, by ordinal (_source_tokens); dst: the unit destinations (B, D, C)."""
         b = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        x_rows = x_ptr + b * stride_xb + rows[:, None] * stride_xn
+        sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = sources < N - D
+        tokens = _source_tokens(sources, dst_index_ptr, W, cells_x, cells_y, SY, SX)
+        x_rows = x_ptr + b * stride_xb + tokens[:, None] * stride_xn
         dst_base = dst_ptr + b * stride_db
 
         squared_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -148,26 +169,29 @@ if triton is not None:
                     other=0.0,
                 )
                 dot = _dot_update(dot, x, d, IEEE)
-            best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best)
+            best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best, EVEN_D)
 
-        _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
+        _store_best(best_dot, best, squared_norm, score_ptr, best_ptr, b, N, tokens, row_ok)
 
     @triton.autotune(
         configs=_matching_configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3), (64, 64, 4, 4)),
         key=["N", "D", "C_MAIN", "C_REST"],
     )
+    @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
     @triton.jit
     def _best_destination_resident_kernel(
-        x_ptr, dst_ptr, is_dst_ptr, score_ptr, best_ptr,
-        N, D, stride_xb, stride_xn, stride_db, stride_dd,
-        IEEE: tl.constexpr, C_MAIN: tl.constexpr, C_REST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        x_ptr, dst_ptr, dst_index_ptr, score_ptr, best_ptr,
+        N, D, W, cells_x, cells_y, stride_xb, stride_xn, stride_db, stride_dd,
+        SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr, C_MAIN: tl.constexpr, C_REST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
         """_best_destination_kernel for C = C_MAIN + C_REST channels (both powers of two, C_REST may be
         0): a block's rows are loaded once and stay in registers while the destinations stream by."""
         b = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        x_rows = x_ptr + b * stride_xb + rows[:, None] * stride_xn
+        sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = sources < N - D
+        tokens = _source_tokens(sources, dst_index_ptr, W, cells_x, cells_y, SY, SX)
+        x_rows = x_ptr + b * stride_xb + tokens[:, None] * stride_xn
         main = tl.arange(0, C_MAIN)
         x_main = tl.load(x_rows + main[None, :], mask=row_ok[:, None], other=0.0)
         squared_norm = tl.sum(x_main.to(tl.float32) * x_main.to(tl.float32), axis=1)
@@ -187,9 +211,9 @@ if triton is not None:
             if C_REST > 0:
                 d_rest = tl.load(dst_cols + rest[:, None], mask=dsts[None, :] < D, other=0.0)
                 dot = _dot_update(dot, x_rest, d_rest, IEEE)
-            best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best)
+            best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best, EVEN_D)
 
-        _store_best(best_dot, best, squared_norm, is_dst_ptr, score_ptr, best_ptr, b, N, rows, row_ok)
+        _store_best(best_dot, best, squared_norm, score_ptr, best_ptr, b, N, tokens, row_ok)
 
     # Selection of the t best-scoring sources without a sort. Token order in the merged sequence is
     # free (ALGORITHM.md), so the unmerged sources take slots D, D+1, ... in token order, and only the
@@ -361,12 +385,19 @@ if triton is not None:
             tl.store((slot_ptr if target == 0 else agent_slot_ptr) + b * N + p, slot, mask=ok)
 
     @triton.jit
-    def _unit_destinations_kernel(x_ptr, index_ptr, out_ptr, D, C, stride_xb, stride_xn, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
-        """out (B, D, C) = the destination rows of x, L2-normalised (in float32, stored in x's dtype)."""
+    def _unit_destinations_kernel(
+        x_ptr, index_ptr, out_ptr, score_ptr, best_ptr, N, D, C, stride_xb, stride_xn,
+        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """out (B, D, C) = the destination rows of x, L2-normalised (in float32, stored in x's dtype);
+        at the destinations' positions, score -inf (never merged) and best = their own cell."""
         b = tl.program_id(1)
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         ok = d < D
-        rows = x_ptr + b * stride_xb + tl.load(index_ptr + d, mask=ok, other=0) * stride_xn
+        token = tl.load(index_ptr + d, mask=ok, other=0)
+        tl.store(score_ptr + b * N + token, tl.full([BLOCK_D], float("-inf"), tl.float32), mask=ok)
+        tl.store(best_ptr + b * N + token, d.to(tl.int64), mask=ok)
+        rows = x_ptr + b * stride_xb + token * stride_xn
         squared_norm = tl.zeros([BLOCK_D], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -474,28 +505,31 @@ def _resident_split(channels: int) -> tuple[int, int] | None:
     return main, rest
 
 
-def best_destination(x: torch.Tensor, dst_index: torch.Tensor, is_dst: torch.Tensor):
-    """x (B, N, C), destination positions (D,) -> cosine score and index of the best destination,
-    (B, N) float32 and int64; the score is -inf at destination tokens."""
+def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: int, sx: int):
+    """x (B, N, C) on a grid `width` tokens wide, destination positions (D,) of its sy x sx cells ->
+    cosine score and index of the best destination, (B, N) float32 and int64. Only the sources are
+    matched; at a destination the score is -inf and the index its own cell."""
     batch, n_tokens, channels = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     num_dst = dst_index.numel()
     block_c = min(64, max(16, triton.next_power_of_2(channels)))
-    dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
-    _unit_destinations_kernel[(triton.cdiv(num_dst, 32), batch)](
-        x, dst_index, dst_unit, num_dst, channels, x.stride(0), x.stride(1), BLOCK_D=32, BLOCK_C=block_c
-    )
     score = torch.empty(batch, n_tokens, device=x.device, dtype=torch.float32)
     best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
-    grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), batch)  # noqa: E731
-    args = (x, dst_unit, is_dst, score, best, n_tokens, num_dst)
+    dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
+    _unit_destinations_kernel[(triton.cdiv(num_dst, 32), batch)](
+        x, dst_index, dst_unit, score, best, n_tokens, num_dst, channels, x.stride(0), x.stride(1), BLOCK_D=32, BLOCK_C=block_c
+    )
+    grid = lambda meta: (triton.cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
+    cells_x, cells_y = width // sx, n_tokens // width // sy
+    args = (x, dst_unit, dst_index, score, best, n_tokens, num_dst)
     strides = (x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1))
+    flags = dict(SY=sy, SX=sx, IEEE=x.dtype == torch.float32)
     split = _resident_split(channels)
     if split is not None:
-        _best_destination_resident_kernel[grid](*args, *strides, IEEE=x.dtype == torch.float32, C_MAIN=split[0], C_REST=split[1])
+        _best_destination_resident_kernel[grid](*args, width, cells_x, cells_y, *strides, **flags, C_MAIN=split[0], C_REST=split[1])
     else:
-        _best_destination_kernel[grid](*args, channels, *strides, IEEE=x.dtype == torch.float32, BLOCK_C=block_c)
+        _best_destination_kernel[grid](*args, channels, width, cells_x, cells_y, *strides, **flags, BLOCK_C=block_c)
     return score, best
 
 

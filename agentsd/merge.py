@@ -36,6 +36,8 @@ class Destinations(NamedTuple):
     index: torch.Tensor  # (D,) int64: token position of each cell's destination
     slot: torch.Tensor  # (N,) int64: at a destination's position, its cell; 0 elsewhere
     is_dst: torch.Tensor  # (N,) bool
+    width: int  # of the grid, in tokens
+    cell: tuple[int, int]  # (sy, sx)
 
 
 class MergePlan(NamedTuple):
@@ -108,8 +110,10 @@ def choose_destinations(grid: Grid, sy: int, sx: int, seed: int | None = None, t
     if device is not None and kernels.available(device):
         shape = (grid.height, grid.width, sy, sx, grid.downsample, device)
         if seed is not None and torch.is_tensor(timestep):  # the key is drawn on the GPU
-            return Destinations(*kernels.destinations(*shape, seed=seed, timestep=timestep))
-        return Destinations(*kernels.destinations(*shape, key=None if seed is None else random_key(seed, timestep)))
+            found = kernels.destinations(*shape, seed=seed, timestep=timestep)
+        else:
+            found = kernels.destinations(*shape, key=None if seed is None else random_key(seed, timestep))
+        return Destinations(*found, grid.width, (sy, sx))
     cell = torch.arange(cells_y * cells_x, device=device)
     key = None if seed is None else random_key(seed, timestep)
     if key is None:
@@ -122,7 +126,7 @@ def choose_destinations(grid: Grid, sy: int, sx: int, seed: int | None = None, t
     index = row * grid.width + col
     slot = torch.zeros(num_tokens, dtype=torch.int64, device=device).scatter_(0, index, cell)
     is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device).scatter_(0, index, True)
-    return Destinations(index, slot, is_dst)
+    return Destinations(index, slot, is_dst, grid.width, (sy, sx))
 
 
 def plan_merge(
@@ -144,7 +148,7 @@ def best_destination(metric: torch.Tensor, destinations: Destinations) -> tuple[
     Destinations score -inf, so that they rank after every source and are never merged.
     """
     if kernels.available(metric):
-        return kernels.best_destination(metric, destinations.index, destinations.is_dst)
+        return kernels.best_destination(metric, destinations.index, destinations.width, *destinations.cell)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     score, best_dst = (metric @ metric[:, destinations.index].transpose(1, 2)).max(dim=-1)  # (B, N, D) -> (B, N)
     return score.masked_fill(destinations.is_dst, -math.inf), best_dst

@@ -28,7 +28,7 @@ def check(fn, signature, constexprs, **options):
         if "ptxas" in msg or "PTXAS" in msg or "nvcc" in msg.lower() or "libcuda" in msg:
             print("frontend ok (no ptxas)", fn.__name__, constexprs, msg[:100])
         else:
-            print("FAIL", fn.__name__, constexprs, msg[:2000])
+            print("FAIL", fn.__name__, constexprs, msg[-1500:])
             failures.append(fn.__name__)
 
 
@@ -50,14 +50,19 @@ for agents in (False, True):
     check(k._one_program_slots_kernel, {"score_ptr": P("fp32"), "best_ptr": P("i64"), "is_dst_ptr": P("i1"), "dst_slot_ptr": P("i64"),
           "slot_ptr": P("i64"), "agent_slot_ptr": P("i64"), "N": "i32", "D": "i32", "num_merged": "i32", "num_agent_merged": "i32",
           "HAS_AGENTS": "constexpr", "BLOCK": "constexpr"}, {"HAS_AGENTS": agents, "BLOCK": 4096}, num_warps=8)
-for ieee in (False, True):
+for ieee, even_d in ((False, True), (False, False), (True, False)):
     dt = "fp32" if ieee else "fp16"
-    pointers = {"x_ptr": P(dt), "dst_ptr": P(dt), "is_dst_ptr": P("i1"), "score_ptr": P("fp32"), "best_ptr": P("i64")}
+    pointers = {"x_ptr": P(dt), "dst_ptr": P(dt), "dst_index_ptr": P("i64"), "score_ptr": P("fp32"), "best_ptr": P("i64")}
+    grid = {"W": "i32", "cells_x": "i32", "cells_y": "i32"}
     strides = {"stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32"}
-    check(k._best_destination_resident_kernel, {**pointers, "N": "i32", "D": "i32", **strides,
-          "IEEE": "constexpr", "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-          {"IEEE": ieee, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8)
-    check(k._best_destination_kernel, {**pointers, "N": "i32", "D": "i32", "C": "i32", **strides,
-          "IEEE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
-          {"IEEE": ieee, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
+    flags = {"SY": 2, "SX": 2, "IEEE": ieee, "EVEN_D": even_d}
+    check(k._best_destination_resident_kernel, {**pointers, "N": "i32", "D": "i32", **grid, **strides, **{f: "constexpr" for f in flags},
+          "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+          {**flags, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8)
+    check(k._best_destination_kernel, {**pointers, "N": "i32", "D": "i32", "C": "i32", **grid, **strides, **{f: "constexpr" for f in flags},
+          "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
+          {**flags, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
+check(k._unit_destinations_kernel, {"x_ptr": P("fp16"), "index_ptr": P("i64"), "out_ptr": P("fp16"), "score_ptr": P("fp32"), "best_ptr": P("i64"),
+      "N": "i32", "D": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
+      {"BLOCK_D": 32, "BLOCK_C": 64})
 sys.exit(1 if failures else 0)

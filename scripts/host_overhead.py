@@ -82,8 +82,8 @@ def main(argv=None):
         row(f"{prefix} plan_for (whole plan)", lambda: patch.plan_for(x))
         row(f"{prefix}   choose_destinations", lambda: choose_destinations(grid, s.sy, s.sx, patch.seed, patch.timestep, x.device))
         dst = plan.destinations
-        row(f"{prefix}   best_destination", lambda: kernels.best_destination(x, dst.index, dst.is_dst))
-        score, best = kernels.best_destination(x, dst.index, dst.is_dst)
+        row(f"{prefix}   best_destination", lambda: kernels.best_destination(x, dst.index, dst.width, *dst.cell))
+        score, best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
         row(
             f"{prefix}   assign_slots",
             lambda: kernels.assign_slots(score, best, dst.is_dst, dst.slot, dst.index.numel(), plan.num_merged, plan.num_agent_merged),

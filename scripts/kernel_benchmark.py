@@ -28,9 +28,9 @@ def main():
         x = (torch.randn(2, n_tokens, 320, device="cuda") * 20).half()
         dst = merge.choose_destinations(merge.Grid(1, side, side), cell, cell, seed=0, timestep=981, device="cuda")
         num_dst = dst.index.numel()
-        score, best = kernels.best_destination(x, dst.index, dst.is_dst)
+        score, best = kernels.best_destination(x, dst.index, side, cell, cell)
         # The UNet's block inputs share a large common direction: their scores crowd near 1.
-        crowded = kernels.best_destination(x + 60 * torch.randn(320, device="cuda").half(), dst.index, dst.is_dst)[0]
+        crowded = kernels.best_destination(x + 60 * torch.randn(320, device="cuda").half(), dst.index, side, cell, cell)[0]
 
         def assign(one_program_max, score=score):
             kernels.ONE_PROGRAM_MAX_TOKENS = one_program_max
@@ -38,7 +38,7 @@ def main():
 
         slot, agent_slot = assign(0)
         steps = {
-            "best_destination": lambda: kernels.best_destination(x, dst.index, dst.is_dst),
+            "best_destination": lambda: kernels.best_destination(x, dst.index, side, cell, cell),
             "assign_slots, radix launches": lambda: assign(0),
             "assign_slots, one program": lambda: assign(10**9),
             "assign_slots, one program, crowded scores": lambda: assign(10**9, crowded),

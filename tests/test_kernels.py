@@ -41,11 +41,14 @@ def test_destinations(torch_path, seed, timestep):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels", [48, 40], ids=["resident", "looped"])  # 48 = 32 + 16 stays in registers
-def test_best_destination(torch_path, dtype, channels):
-    x, dst = inputs(dtype, channels=channels)
+@pytest.mark.parametrize(  # 30 destinations, and 32 (whole tiles of 16) with tokens right of and below the cells
+    "grid, cell", [(merge.Grid(2, 12, 20), (2, 4)), (merge.Grid(1, 17, 34), (4, 4))], ids=["whole-cells", "cells-and-rest"]
+)
+def test_best_destination(torch_path, dtype, channels, grid, cell):
+    x, dst = inputs(dtype, grid=grid, stride=cell, channels=channels)
     x = x * torch.linspace(0.1, 30, x.shape[1], device=DEVICE)[:, None].to(dtype)  # norms far from 1
     score, best = merge.best_destination(x, dst)
-    k_score, k_best = kernels.best_destination(x, dst.index, dst.is_dst)
+    k_score, k_best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(k_score, score.float(), rtol=tolerance, atol=tolerance)
     # the index agrees wherever the best destination wins by more than the rounding
