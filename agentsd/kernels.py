@@ -130,7 +130,7 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w, num_stages=st) for m, d, w, st in configs]
 
     @triton.autotune(
-        configs=_matching_configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)),
+        configs=_matching_configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (256, 128, 8, 3)),
         key=["N", "D", "C"],
     )
     @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
@@ -174,7 +174,9 @@ if triton is not None:
         _store_best(best_dot, best, squared_norm, score_ptr, best_ptr, b, N, tokens, row_ok)
 
     @triton.autotune(
-        configs=_matching_configs((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3), (64, 64, 4, 4)),
+        # The rows and three stages of destination tiles share the shared memory: only BLOCK_D = 64
+        # (128 with two stages) fits at 320 channels (H100, scripts/results/2026-11-23-h100/matching_configs.md).
+        configs=_matching_configs((128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 2)),
         key=["N", "D", "C_MAIN", "C_REST"],
     )
     @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
