@@ -4,10 +4,11 @@ Per block and call:
 - destinations: the block's destination pattern, from the call's timestep tensor, in one launch;
 - best_destination: the cosine similarity of every source to every destination, reduced to the
   best one as it goes: the (B, N - D, D) similarity matrix is never written (1 GB per block at
-  2048px). Rows of up to 512 channels are loaded once and stay in registers. A launch before
-  gathers and normalises the destinations and gives them the score -inf;
-- assign_slots: which sources merge (the t best scores), by a radix selection of the t-th score
-  (no sort): one program per batch row up to 4096 tokens, else six launches;
+  2048px). Where they fit, a program's rows are loaded once and stay in shared memory (SD 1.x and
+  2.x level 1 on an H100). A launch before gathers and normalises the destinations and gives them
+  the score -inf;
+- assign_slots: which sources merge (the t best scores), by a selection of the t-th score (no
+  sort): one program per batch row up to 4096 tokens, else a radix selection in six launches;
 - merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
   merged sources are summed into their destination with atomics on 64-bit fixed point: integer
   addition does not depend on the order of the atomics, so results are deterministic (float atomics
@@ -15,6 +16,7 @@ Per block and call:
   atomics are relaxed: nothing orders them (acq_rel, Triton's default, made the merge 2-3x slower).
 """
 
+import functools
 import os
 
 import torch
@@ -174,9 +176,10 @@ if triton is not None:
         _store_best(best_dot, best, squared_norm, score_ptr, best_ptr, b, N, tokens, row_ok)
 
     @triton.autotune(
-        # The rows and three stages of destination tiles share the shared memory: only BLOCK_D = 64
-        # (128 with two stages) fits at 320 channels (H100, scripts/results/2026-11-23-h100/matching_configs.md).
-        configs=_matching_configs((128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 2)),
+        # The rows and the stages of destination tiles share the shared memory: at 320 channels only
+        # BLOCK_D = 64 (128 with two stages) fits (H100, scripts/results/2026-11-23-h100/matching_configs.md).
+        # The last candidate fits wherever _resident_split chooses this kernel.
+        configs=_matching_configs((128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 64, 4, 2)),
         key=["N", "D", "C_MAIN", "C_REST"],
     )
     @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
@@ -188,7 +191,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
         """_best_destination_kernel for C = C_MAIN + C_REST channels (both powers of two, C_REST may be
-        0): a block's rows are loaded once and stay in registers while the destinations stream by."""
+        0): a block's rows are loaded once and stay (in shared memory) while the destinations stream by."""
         b = tl.program_id(1)
         sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = sources < N - D
@@ -493,18 +496,26 @@ def destinations(height: int, width: int, sy: int, sx: int, downsample: int, dev
     return index, slot, is_dst
 
 
-# Rows of up to this many channels stay in registers (SD 1.5 and 2.x level 1: 320 = 256 + 64).
-RESIDENT_MAX_CHANNELS = 512
-RESIDENT = True  # False: always the looped kernel (scripts/kernel_benchmark.py compares both)
-
-
-def _resident_split(channels: int) -> tuple[int, int] | None:
-    """(C_MAIN, C_REST), two powers of two (C_REST may be 0) that sum to `channels`, when its rows fit in registers."""
+def _resident_split(x: torch.Tensor) -> tuple[int, int] | None:
+    """(C_MAIN, C_REST) for the resident kernel: two powers of two (C_REST may be 0) that sum to the
+    channels, when a program's rows fit in shared memory beside the destination tiles; else None."""
+    channels = x.shape[-1]
     main = 1 << (channels.bit_length() - 1)
     rest = channels - main
-    if not RESIDENT or channels > RESIDENT_MAX_CHANNELS or main < 16 or (rest and (rest < 16 or rest & (rest - 1))):
+    if main < 16 or (rest and (rest < 16 or rest & (rest - 1))):
         return None  # tl.dot wants tiles of at least 16
+    # Its smallest candidate, 64 rows and two stages of 64 destinations (SD 1.5 at 320 channels in
+    # fp16: 120 KB; an H100 has 227 KB per program, consumer GPUs about 100).
+    if not INTERPRET and x.element_size() * channels * (64 + 2 * 64) > _shared_memory(x.device):
+        return None
     return main, rest
+
+
+@functools.cache
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
 
 
 def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: int, sx: int):
@@ -527,7 +538,7 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: i
     args = (x, dst_unit, dst_index, score, best, n_tokens, num_dst)
     strides = (x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1))
     flags = dict(SY=sy, SX=sx, IEEE=x.dtype == torch.float32)
-    split = _resident_split(channels)
+    split = _resident_split(x)
     if split is not None:
         _best_destination_resident_kernel[grid](*args, width, cells_x, cells_y, *strides, **flags, C_MAIN=split[0], C_REST=split[1])
     else:

@@ -91,3 +91,15 @@ def test_merge_mean(torch_path, dtype, agents):
         if b is not None:
             assert a.dtype == dtype
             torch.testing.assert_close(a.float(), b, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-5)
+
+
+def test_resident_rows_only_where_they_fit(monkeypatch):
+    """The resident kernel needs a program's rows in shared memory beside the destination tiles."""
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    x = torch.empty(1, 1, 320, dtype=torch.float16)
+    monkeypatch.setattr(kernels, "_shared_memory", lambda device: 227 * 1024)  # H100
+    assert kernels._resident_split(x) == (256, 64)
+    assert kernels._resident_split(x.float()) is None  # twice the bytes
+    assert kernels._resident_split(torch.empty(1, 1, 40, dtype=torch.float16)) is None  # 32 + 8: a tile under 16
+    monkeypatch.setattr(kernels, "_shared_memory", lambda device: 99 * 1024)  # consumer GPUs
+    assert kernels._resident_split(x) is None
