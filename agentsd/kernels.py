@@ -92,18 +92,19 @@ if triton is not None:
         return tl.dot(x, d, dot)
 
     @triton.jit
-    def _source_tokens(ordinal, dst_index_ptr, W, cells_x, cells_y, SY: tl.constexpr, SX: tl.constexpr):
-        """Token positions of the sources, numbered in cell order: the sy*sx - 1 sources of each
-        complete cell (its destination skipped), then the tokens right of the complete cells, then
-        those below them."""
-        in_cells = ordinal < cells_x * cells_y * (SY * SX - 1)
+    def _source_tokens(ordinal, dst_index_ptr, N, W, SY: tl.constexpr, SX: tl.constexpr):
+        """Token positions of the sources of an N-token grid W wide, numbered in cell order: the
+        sy*sx - 1 sources of each complete cell (its destination skipped), then the tokens right of
+        the complete cells, then those below them."""
+        cells_x, cells_y = W // SX, N // W // SY
+        rest = ordinal - cells_x * cells_y * (SY * SX - 1)  # < 0: in a complete cell
+        in_cells = rest < 0
         cell, k = ordinal // (SY * SX - 1), ordinal % (SY * SX - 1)
         cell_row, cell_col = cell // cells_x, cell % cells_x
         dst = tl.load(dst_index_ptr + cell, mask=in_cells, other=0).to(tl.int32)
         dst_offset = (dst // W - cell_row * SY) * SX + dst % W - cell_col * SX
         offset = k + (k >= dst_offset)
         cell_token = (cell_row * SY + offset // SX) * W + cell_col * SX + offset % SX
-        rest = ordinal - cells_x * cells_y * (SY * SX - 1)
         right = tl.maximum(W - cells_x * SX, 1)
         right_count = cells_y * SY * (W - cells_x * SX)
         right_token = (rest // right) * W + cells_x * SX + rest % right
@@ -139,7 +140,7 @@ if triton is not None:
     @triton.jit
     def _best_destination_kernel(
         x_ptr, dst_ptr, dst_index_ptr, score_ptr, best_ptr,
-        N, D, C, W, cells_x, cells_y, stride_xb, stride_xn, stride_db, stride_dd,
+        N, D, C, W, stride_xb, stride_xn, stride_db, stride_dd,
         SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
@@ -147,7 +148,7 @@ if triton is not None:
         b = tl.program_id(1)
         sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = sources < N - D
-        tokens = _source_tokens(sources, dst_index_ptr, W, cells_x, cells_y, SY, SX)
+        tokens = _source_tokens(sources, dst_index_ptr, N, W, SY, SX)
         x_rows = x_ptr + b * stride_xb + tokens[:, None] * stride_xn
         dst_base = dst_ptr + b * stride_db
 
@@ -186,7 +187,7 @@ if triton is not None:
     @triton.jit
     def _best_destination_resident_kernel(
         x_ptr, dst_ptr, dst_index_ptr, score_ptr, best_ptr,
-        N, D, W, cells_x, cells_y, stride_xb, stride_xn, stride_db, stride_dd,
+        N, D, W, stride_xb, stride_xn, stride_db, stride_dd,
         SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr, C_MAIN: tl.constexpr, C_REST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
@@ -195,7 +196,7 @@ if triton is not None:
         b = tl.program_id(1)
         sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = sources < N - D
-        tokens = _source_tokens(sources, dst_index_ptr, W, cells_x, cells_y, SY, SX)
+        tokens = _source_tokens(sources, dst_index_ptr, N, W, SY, SX)
         x_rows = x_ptr + b * stride_xb + tokens[:, None] * stride_xn
         main = tl.arange(0, C_MAIN)
         x_main = tl.load(x_rows + main[None, :], mask=row_ok[:, None], other=0.0)
@@ -534,15 +535,14 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: i
         x, dst_index, dst_unit, score, best, n_tokens, num_dst, channels, x.stride(0), x.stride(1), BLOCK_D=32, BLOCK_C=block_c
     )
     grid = lambda meta: (triton.cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
-    cells_x, cells_y = width // sx, n_tokens // width // sy
     args = (x, dst_unit, dst_index, score, best, n_tokens, num_dst)
     strides = (x.stride(0), x.stride(1), dst_unit.stride(0), dst_unit.stride(1))
     flags = dict(SY=sy, SX=sx, IEEE=x.dtype == torch.float32)
     split = _resident_split(x)
     if split is not None:
-        _best_destination_resident_kernel[grid](*args, width, cells_x, cells_y, *strides, **flags, C_MAIN=split[0], C_REST=split[1])
+        _best_destination_resident_kernel[grid](*args, width, *strides, **flags, C_MAIN=split[0], C_REST=split[1])
     else:
-        _best_destination_kernel[grid](*args, channels, width, cells_x, cells_y, *strides, **flags, BLOCK_C=block_c)
+        _best_destination_kernel[grid](*args, channels, width, *strides, **flags, BLOCK_C=block_c)
     return score, best
 
 

@@ -53,7 +53,7 @@ for agents in (False, True):
 for ieee, even_d in ((False, True), (False, False), (True, False)):
     dt = "fp32" if ieee else "fp16"
     pointers = {"x_ptr": P(dt), "dst_ptr": P(dt), "dst_index_ptr": P("i64"), "score_ptr": P("fp32"), "best_ptr": P("i64")}
-    grid = {"W": "i32", "cells_x": "i32", "cells_y": "i32"}
+    grid = {"W": "i32"}
     strides = {"stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32"}
     flags = {"SY": 2, "SX": 2, "IEEE": ieee, "EVEN_D": even_d}
     check(k._best_destination_resident_kernel, {**pointers, "N": "i32", "D": "i32", **grid, **strides, **{f: "constexpr" for f in flags},
