@@ -17,6 +17,7 @@ Per block and call:
 """
 
 import functools
+import inspect
 import os
 
 import torch
@@ -32,13 +33,10 @@ ENABLED = os.environ.get("AGENTSD_KERNELS", "1") != "0"  # AGENTSD_KERNELS=0 run
 
 
 def available(x) -> bool:
-    """Whether the kernels run for a tensor or device: on CUDA, eager and in CUDA graphs.
-
-    Under torch.compile the torch code runs (inductor compiles it): torch.compile with these kernels
-    inside has not been checked on a GPU yet, the torch code has (on the CPU, in the tests).
-    """
+    """Whether the kernels run for a tensor or device: on CUDA, in eager calls, CUDA graphs and
+    torch.compile (there as custom ops, see _compilable)."""
     device = x.device if torch.is_tensor(x) else torch.device(x)
-    return triton is not None and ENABLED and device.type == "cuda" and not torch.compiler.is_compiling()
+    return triton is not None and ENABLED and device.type == "cuda"
 
 
 if triton is not None:
@@ -480,7 +478,7 @@ if triton is not None:
             tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
 
 
-def destinations(height: int, width: int, sy: int, sx: int, downsample: int, device, *, key=None, seed=0, timestep=None):
+def destinations(height: int, width: int, sy: int, sx: int, downsample: int, device, key=None, seed=0, timestep=None):
     """(index (D,), slot (N,), is_dst (N,)) as merge.choose_destinations computes them: random from
     an int `key`, or from the key of (seed, timestep) with a timestep tensor; else top-left."""
     cells_x, num_cells = width // sx, (height // sy) * (width // sx)
@@ -610,3 +608,62 @@ def merge_mean(x: torch.Tensor, slot, agent_slot, dst_index, is_dst, num_slots: 
         HAS_AGENTS=has_agents, SCALE=_FIXED_POINT, BLOCK_D=block_t, BLOCK_C=block_c,
     )  # fmt: skip
     return merged, (agents if has_agents else None)
+
+
+def _compilable(schema: str, launch, fake, outputs: int):
+    """`launch` as it is in eager calls and CUDA graphs; under torch.compile a custom op, which dynamo
+    records as one opaque call with `fake`'s output shapes and which runs `launch` at run time
+    (dynamo cannot trace Triton's autotuner). The op returns a list: the `outputs` results of
+    `launch` without its trailing Nones, put back here. Eager calls skip the dispatcher's host time."""
+    name, _, arguments = schema.partition("(")
+    without_none = lambda fn: lambda *args: [t for t in fn(*args) if t is not None]  # noqa: E731
+    op = torch.library.custom_op(f"agentsd::{name}", without_none(launch), mutates_args=(), schema=f"({arguments}")
+    op.register_fake(without_none(fake))
+    signature = inspect.signature(launch)
+
+    @functools.wraps(launch)
+    def call(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return launch(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = op(*bound.args)
+        return (*out, *[None] * (outputs - len(out)))
+
+    return call
+
+
+def _fake_destinations(height, width, sy, sx, downsample, device, key, seed, timestep):
+    num_tokens = height * width
+    index = torch.empty((height // sy) * (width // sx), dtype=torch.int64, device=device)
+    return index, index.new_empty(num_tokens), torch.empty(num_tokens, dtype=torch.bool, device=device)
+
+
+def _fake_best_destination(x, dst_index, width, sy, sx):
+    return x.new_empty(x.shape[:2], dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.int64)
+
+
+def _fake_assign_slots(score, best, is_dst, dst_slot, num_dst, num_merged, num_agent_merged):
+    return torch.empty_like(best), None if num_agent_merged is None else torch.empty_like(best)
+
+
+def _fake_merge_mean(x, slot, agent_slot, dst_index, is_dst, num_slots, num_agents):
+    return x.new_empty(x.shape[0], num_slots, x.shape[2]), None if num_agents is None else x.new_empty(x.shape[0], num_agents, x.shape[2])
+
+
+destinations = _compilable(
+    "destinations(int height, int width, int sy, int sx, int downsample, Device device, int? key, int seed, Tensor? timestep) -> Tensor[]",
+    destinations, _fake_destinations, outputs=3,
+)  # fmt: skip
+best_destination = _compilable(
+    "best_destination(Tensor x, Tensor dst_index, int width, int sy, int sx) -> Tensor[]",
+    best_destination, _fake_best_destination, outputs=2,
+)  # fmt: skip
+assign_slots = _compilable(
+    "assign_slots(Tensor score, Tensor best, Tensor is_dst, Tensor dst_slot, int num_dst, int num_merged, int? num_agent_merged) -> Tensor[]",
+    assign_slots, _fake_assign_slots, outputs=2,
+)  # fmt: skip
+merge_mean = _compilable(
+    "merge_mean(Tensor x, Tensor slot, Tensor? agent_slot, Tensor dst_index, Tensor is_dst, int num_slots, int? num_agents) -> Tensor[]",
+    merge_mean, _fake_merge_mean, outputs=2,
+)  # fmt: skip

@@ -51,6 +51,8 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph", "compile"])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.4, 0.5])
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode (reduce-overhead replays CUDA graphs of the compiled code)")  # fmt: skip
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--generation", nargs="*", default=[], choices=sorted(CONFIGS),
                         help="also time whole 50-step generations at these configs")  # fmt: skip
@@ -91,19 +93,20 @@ def main(argv=None):
                             continue
                         try:
                             with variant(unet, kind, name, ratio, inputs[0].shape[-2:]):
-                                times[name] += measure(unet, inputs, mode, args.reps // rounds, device)
+                                times[name] += measure(unet, inputs, mode, args.reps // rounds, device, args.compile_mode)
                                 if rounds == 1:  # a compile takes a minute: show each result as it comes
                                     print(f"# {config} {mode} {ratio} {name}: {statistics.median(times[name]):.2f} ms", flush=True)
                                 if mode == "eager" and cuda and round_ == 0:
                                     memory_rows.append(dict(config=config, variant=name, ratio=ratio, peak_gb=peak_memory(unet, inputs)))
                         except Exception as error:  # tomesd cannot be captured, for example: report it
                             errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                label = f"compile ({args.compile_mode})" if mode == "compile" and args.compile_mode else mode
                 for name in names:
-                    row = dict(config=config, mode=mode, variant=name, ratio=ratio)
+                    row = dict(config=config, mode=label, variant=name, ratio=ratio)
                     row.update(error=errors[name]) if name in errors else row.update(ms=statistics.median(times[name]))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                add_schedule_rows(rows, config, mode, ratio)
+                add_schedule_rows(rows, config, label, ratio)
         del unet, inputs
         gc.collect()
         torch.cuda.empty_cache() if cuda else None
@@ -174,14 +177,14 @@ def variant(unet, kind, name, ratio, latent_size):
 
 
 @torch.no_grad()
-def measure(unet, inputs, mode, reps, device):
+def measure(unet, inputs, mode, reps, device, compile_mode=None):
     """Milliseconds of `reps` calls in `mode`: eager, a replayed CUDA graph, or torch.compile."""
     call = lambda: unet(*inputs)  # noqa: E731
     if device.type != "cuda" or mode == "eager":
         return times_ms(call, reps, warmup=3)
     if mode == "compile":
         torch._dynamo.reset()
-        compiled = torch.compile(unet, fullgraph=True)
+        compiled = torch.compile(unet, fullgraph=True, mode=compile_mode)
         return times_ms(lambda: compiled(*inputs), reps, warmup=5)  # the first call compiles
     graph = cuda_graph(call)
     return times_ms(graph.replay, reps)

@@ -6,6 +6,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import agentsd
+from agentsd import kernels
 from agentsd.models import unet_from_config
 from conftest import run_unet, unet_inputs
 
@@ -37,3 +38,25 @@ def test_one_graph_per_stage_over_whole_runs(sd_pipe):
     # one graph for the UNet's pre-hook (run by dynamo outside the UNet frame), one per stage
     assert counters["stats"]["unique_graphs"] == 1 + 2
     assert not counters["graph_break"]
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+@pytest.mark.parametrize("stage", [dict(sx=4, sy=4, agent_ratio=0.95), dict(sx=2, sy=2, agent_ratio=0.5)], ids=["agent", "tome"])
+def test_kernels_compile_as_custom_ops(monkeypatch, stage):
+    """On CUDA the plan and the merge run the Triton kernels under torch.compile too, as opaque custom
+    ops (here on the CPU through Triton's interpreter): no graph break, the eager result."""
+    monkeypatch.setattr(kernels, "available", lambda x: True)
+    unet = unet_from_config("sd15", tiny=True).eval()
+    agentsd.apply_patch(unet, 0.5, **stage, seed=0)
+    inputs = unet_inputs("sd15", latent=(12, 12))
+    eager = run_unet(unet, inputs)
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(unet, backend=record, fullgraph=True)
+    torch.testing.assert_close(run_unet(compiled, inputs), eager, rtol=1e-5, atol=1e-5)
+    called = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
+    assert {f"agentsd.{op}.default" for op in ("destinations", "best_destination", "assign_slots", "merge_mean")} <= called

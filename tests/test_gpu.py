@@ -57,11 +57,13 @@ def test_cuda_graph_replays_equal_eager():
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_compile_equals_eager(dtype):
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])  # reduce-overhead: CUDA graphs of the compiled code
+def test_compile_equals_eager(dtype, mode):
     torch._dynamo.reset()
     unet, sample, context = _setup(dtype)
-    timestep = torch.tensor(981, device="cuda")
-    eager = unet(sample, timestep, context).sample
-    compiled = torch.compile(unet, fullgraph=True)
+    compiled = torch.compile(unet, fullgraph=True, mode=mode)
     tolerance = 1e-3 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(compiled(sample, timestep, context).sample, eager, rtol=tolerance, atol=tolerance)
+    for t in (981, 501, 21):  # warm-up, recording and replays of the graphs
+        timestep = torch.tensor(t, device="cuda")
+        eager = unet(sample, timestep, context).sample
+        torch.testing.assert_close(compiled(sample, timestep, context).sample, eager, rtol=tolerance, atol=tolerance)

@@ -103,3 +103,19 @@ def test_resident_rows_only_where_they_fit(monkeypatch):
     assert kernels._resident_split(torch.empty(1, 1, 40, dtype=torch.float16)) is None  # 32 + 8: a tile under 16
     monkeypatch.setattr(kernels, "_shared_memory", lambda device: 99 * 1024)  # consumer GPUs
     assert kernels._resident_split(x) is None
+
+
+@pytest.mark.parametrize("agents", [False, True])
+def test_custom_ops_agree_with_their_fakes(torch_path, agents):
+    """The ops that torch.compile records: schema, fake shapes and dtypes against the real results."""
+    x, dst = inputs(torch.float16)
+    grid = merge.Grid(2, 12, 20)
+    ops = torch.ops.agentsd
+    torch.library.opcheck(ops.destinations, (grid.height, grid.width, 2, 4, 2, torch.device(DEVICE), None, 5, torch.tensor(981.0, device=DEVICE)))
+    torch.library.opcheck(ops.best_destination, (x, dst.index, dst.width, *dst.cell))
+    score, best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
+    num_agent_merged = 200 if agents else None
+    torch.library.opcheck(ops.assign_slots, (score, best, dst.is_dst, dst.slot, dst.index.numel(), 90, num_agent_merged))
+    slot, agent_slot = kernels.assign_slots(score, best, dst.is_dst, dst.slot, dst.index.numel(), 90, num_agent_merged)
+    num_agents = x.shape[1] - 200 if agents else None
+    torch.library.opcheck(ops.merge_mean, (x, slot, agent_slot, dst.index, dst.is_dst, x.shape[1] - 90, num_agents))
