@@ -10,6 +10,7 @@ import argparse
 import cProfile
 import pstats
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,6 +28,7 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--python", action="store_true", help="also profile the host's Python with cProfile")
+    parser.add_argument("--dump", default=None, help="with --python, save each variant's cProfile stats in this folder")
     args = parser.parse_args(argv)
     for config in args.configs:
         kind, size = CONFIGS[config]
@@ -58,6 +60,9 @@ def main(argv=None):
             print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
             if args.python:
                 pstats.Stats(python).sort_stats("tottime").print_stats(args.rows)
+                if args.dump:
+                    Path(args.dump).mkdir(parents=True, exist_ok=True)
+                    python.dump_stats(Path(args.dump) / f"{config}-{name}.pstats")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,12 @@ def test_destinations(torch_path, seed, timestep):
 @pytest.mark.parametrize(  # 30 destinations, and 32 (whole tiles of 16) with tokens right of and below the cells
     "grid, cell", [(merge.Grid(2, 12, 20), (2, 4)), (merge.Grid(1, 17, 34), (4, 4))], ids=["whole-cells", "cells-and-rest"]
 )
-def test_best_destination(torch_path, dtype, channels, grid, cell):
+@pytest.mark.parametrize("channels_last", [False, True])  # SD 1.x block inputs: stride(-1) = N
+def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last):
     x, dst = inputs(dtype, grid=grid, stride=cell, channels=channels)
     x = x * torch.linspace(0.1, 30, x.shape[1], device=DEVICE)[:, None].to(dtype)  # norms far from 1
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
     score, best = merge.best_destination(x, dst)
     k_score, k_best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
@@ -58,6 +61,10 @@ def test_best_destination(torch_path, dtype, channels, grid, cell):
     assert clear.float().mean() > 0.8
     assert torch.equal(k_best[clear], best[clear])
     assert torch.isinf(k_score[:, dst.index]).all()
+    # the first launch of a shape autotunes; a later one launches the config found directly
+    assert any(key[1:] == (x.shape[1], dst.index.numel(), channels, dtype) for key in kernels._matching_configs_found)
+    again = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
+    assert torch.equal(again[0], k_score) and torch.equal(again[1], k_best)
 
 
 @pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
