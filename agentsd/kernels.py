@@ -14,6 +14,8 @@ Per block and call:
   addition does not depend on the order of the atomics, so results are deterministic (float atomics
   are not). The agents reuse the sums of the first plan (its merged sources are theirs too). The
   atomics are relaxed: nothing orders them (acq_rel, Triton's default, made the merge 2-3x slower).
+
+Under torch.compile each of these four launchers runs as a custom op (`torch.ops.agentsd.*`).
 """
 
 import functools
@@ -405,7 +407,8 @@ if triton is not None:
         squared_norm = tl.zeros([BLOCK_D], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            v = tl.load(rows[:, None] + cols[None, :] * stride_xc, mask=ok[:, None] & (cols[None, :] < C), other=0.0).to(tl.float32)
+            mask = ok[:, None] & (cols[None, :] < C)
+            v = tl.load(rows[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
             squared_norm += tl.sum(v * v, axis=1)
         inverse = 1.0 / tl.sqrt(squared_norm)
         for c0 in range(0, C, BLOCK_C):
@@ -668,7 +671,9 @@ def _fake_assign_slots(score, best, is_dst, dst_slot, num_dst, num_merged, num_a
 
 
 def _fake_merge_mean(x, slot, agent_slot, dst_index, is_dst, num_slots, num_agents):
-    return x.new_empty(x.shape[0], num_slots, x.shape[2]), None if num_agents is None else x.new_empty(x.shape[0], num_agents, x.shape[2])
+    batch, _, channels = x.shape
+    agents = None if num_agents is None else x.new_empty(batch, num_agents, channels)
+    return x.new_empty(batch, num_slots, channels), agents
 
 
 destinations = _compilable(
