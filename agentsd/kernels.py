@@ -4,8 +4,8 @@ Per block and call:
 - destinations: the block's destination pattern, from the call's timestep tensor, in one launch;
 - best_destination: the cosine similarity of every source to every destination, reduced to the
   best one as it goes: the (B, N - D, D) similarity matrix is never written (1 GB per block at
-  2048px). Where they fit, a program's rows are loaded once and stay in shared memory (SD 1.x and
-  2.x level 1 on an H100). A launch before gathers and normalises the destinations and gives them
+  2048px). Where they fit, a program's rows are loaded once and stay in registers as the MMA's
+  first operand (SD 1.x and 2.x level 1). A launch before gathers and normalises the destinations and gives them
   the score -inf;
 - assign_slots: which sources merge (the t best scores), by a selection of the t-th score (no
   sort): one program per batch row up to 4096 tokens, else a radix selection in six launches;
@@ -121,9 +121,9 @@ if triton is not None:
         return tl.where(better, tile_best_dot, best_dot), tl.where(better, tile_best.to(tl.int32) + d0, best)
 
     @triton.jit
-    def _store_best(best_dot, best, squared_norm, score_ptr, best_ptr, b, N, tokens, row_ok):
+    def _store_best(score, best, score_ptr, best_ptr, b, N, tokens, row_ok):
         """Cosine score and index of each source's best destination, at its token position."""
-        tl.store(score_ptr + b * N + tokens, best_dot / tl.sqrt(squared_norm), mask=row_ok)
+        tl.store(score_ptr + b * N + tokens, score, mask=row_ok)
         tl.store(best_ptr + b * N + tokens, best.to(tl.int64), mask=row_ok)
 
     def _matching_configs(*configs):
@@ -174,37 +174,62 @@ if triton is not None:
                 dot = _dot_update(dot, x, d, IEEE)
             best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best, EVEN_D)
 
-        _store_best(best_dot, best, squared_norm, score_ptr, best_ptr, b, N, tokens, row_ok)
+        _store_best(best_dot / tl.sqrt(squared_norm), best, score_ptr, best_ptr, b, N, tokens, row_ok)
+
+    @triton.jit
+    def _rows_as_accumulator(x_rows, cols, row_ok, stride_xc, IEEE: tl.constexpr):
+        """x's rows at `cols` in float32, multiplied by the identity: an MMA's result comes out in the
+        accumulator layout, and only from that layout does Triton hand an MMA its first operand in
+        registers (Hopper's wgmma) rather than through shared memory."""
+        x = tl.load(x_rows + cols[None, :] * stride_xc, mask=row_ok[:, None], other=0.0)
+        identity = (cols[:, None] == cols[None, :]).to(x.dtype)
+        if IEEE:
+            return tl.dot(x, identity, input_precision="ieee")
+        return tl.dot(x, identity)
 
     @triton.autotune(
-        # The rows and the stages of destination tiles share the shared memory: at 320 channels only
-        # BLOCK_D = 64 (128 with two stages) fits (H100, scripts/results/2026-11-23-h100/matching_configs.md).
-        # The last candidate fits wherever _resident_split chooses this kernel.
-        configs=_matching_configs((128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 64, 4, 2)),
-        key=["N", "D", "C_MAIN", "C_REST"],
+        # Shared memory holds the stages of destination tiles only: 40 KB each at 320 channels, fp16
+        # (H100: 227 KB). The last candidate fits wherever _resident_split chooses this kernel.
+        configs=_matching_configs((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (64, 64, 4, 4), (64, 128, 4, 2), (64, 64, 4, 2)),
+        key=["N", "D", "C_A", "C_B", "C_REST"],
     )
     @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
     @triton.jit
     def _best_destination_resident_kernel(
         x_ptr, dst_ptr, dst_index_ptr, score_ptr, best_ptr,
         N, D, W, stride_xb, stride_xn, stride_xc, stride_db, stride_dd,
-        SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr, C_MAIN: tl.constexpr, C_REST: tl.constexpr,
+        SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr,
+        C_A: tl.constexpr, C_B: tl.constexpr, C_REST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
-        """_best_destination_kernel for C = C_MAIN + C_REST channels (both powers of two, C_REST may be
-        0): a block's rows are loaded once and stay (in shared memory) while the destinations stream by."""
+        """_best_destination_kernel for C = C_A + C_B + C_REST channels (powers of two up to 128; C_B
+        and C_REST may be 0): a program's rows are loaded once, normalised, and stay in registers as
+        the MMA's first operand while the destination tiles stream by. Against rows kept in shared
+        memory, 1.11x at 65536 tokens and 2x2 cells, 1.2-1.5x at 4096 (H100,
+        scripts/results/2026-11-24-h100/matching_registers.md)."""
         b = tl.program_id(1)
         sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = sources < N - D
         tokens = _source_tokens(sources, dst_index_ptr, N, W, SY, SX)
         x_rows = x_ptr + b * stride_xb + tokens[:, None] * stride_xn
-        main = tl.arange(0, C_MAIN)
-        x_main = tl.load(x_rows + main[None, :] * stride_xc, mask=row_ok[:, None], other=0.0)
-        squared_norm = tl.sum(x_main.to(tl.float32) * x_main.to(tl.float32), axis=1)
+        cols_a = tl.arange(0, C_A)
+        rows_a = _rows_as_accumulator(x_rows, cols_a, row_ok, stride_xc, IEEE)
+        squared_norm = tl.sum(rows_a * rows_a, axis=1)
+        if C_B > 0:
+            cols_b = C_A + tl.arange(0, C_B)
+            rows_b = _rows_as_accumulator(x_rows, cols_b, row_ok, stride_xc, IEEE)
+            squared_norm += tl.sum(rows_b * rows_b, axis=1)
         if C_REST > 0:
-            rest = C_MAIN + tl.arange(0, C_REST)
-            x_rest = tl.load(x_rows + rest[None, :] * stride_xc, mask=row_ok[:, None], other=0.0)
-            squared_norm += tl.sum(x_rest.to(tl.float32) * x_rest.to(tl.float32), axis=1)
+            cols_rest = C_A + C_B + tl.arange(0, C_REST)
+            rows_rest = _rows_as_accumulator(x_rows, cols_rest, row_ok, stride_xc, IEEE)
+            squared_norm += tl.sum(rows_rest * rows_rest, axis=1)
+        inverse_norm = tl.where(row_ok, 1.0 / tl.sqrt(squared_norm), 0.0)  # padding rows: 0, not NaN
+        dtype = x_ptr.dtype.element_ty
+        unit_a = (rows_a * inverse_norm[:, None]).to(dtype)
+        if C_B > 0:
+            unit_b = (rows_b * inverse_norm[:, None]).to(dtype)
+        if C_REST > 0:
+            unit_rest = (rows_rest * inverse_norm[:, None]).to(dtype)
 
         dst_base = dst_ptr + b * stride_db
         best_dot = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -212,14 +237,16 @@ if triton is not None:
         for d0 in range(0, D, BLOCK_D):
             dsts = d0 + tl.arange(0, BLOCK_D)
             dst_cols = dst_base + dsts[None, :] * stride_dd
-            d_main = tl.load(dst_cols + main[:, None], mask=dsts[None, :] < D, other=0.0)
-            dot = _dot_update(tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), x_main, d_main, IEEE)
+            in_d = dsts[None, :] < D
+            dot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            dot = _dot_update(dot, unit_a, tl.load(dst_cols + cols_a[:, None], mask=in_d, other=0.0), IEEE)
+            if C_B > 0:
+                dot = _dot_update(dot, unit_b, tl.load(dst_cols + cols_b[:, None], mask=in_d, other=0.0), IEEE)
             if C_REST > 0:
-                d_rest = tl.load(dst_cols + rest[:, None], mask=dsts[None, :] < D, other=0.0)
-                dot = _dot_update(dot, x_rest, d_rest, IEEE)
+                dot = _dot_update(dot, unit_rest, tl.load(dst_cols + cols_rest[:, None], mask=in_d, other=0.0), IEEE)
             best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best, EVEN_D)
 
-        _store_best(best_dot, best, squared_norm, score_ptr, best_ptr, b, N, tokens, row_ok)
+        _store_best(best_dot, best, score_ptr, best_ptr, b, N, tokens, row_ok)
 
     # Selection of the t best-scoring sources without a sort. Token order in the merged sequence is
     # free (ALGORITHM.md), so the unmerged sources take slots D, D+1, ... in token order, and only the
@@ -481,6 +508,39 @@ if triton is not None:
             tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
 
 
+_compiled_kernels = {}  # specialization key (_launch) -> Triton's compiled kernel
+
+
+def _launch(fn, grid, *args, **kwargs):
+    """fn[grid](*args, **kwargs) for a jit function whose arguments after `args` are all in kwargs.
+
+    Triton binds and specializes every argument again at each launch: 83 us per launch inside an
+    eager SD 1.5 512px UNet call on an H100 host, which is bound by the host there. A launch whose
+    specialization was seen before goes through the compiled kernel's own launcher instead: 27 us
+    (scripts/results/2026-11-24-h100/launch_cost.md). The key holds what Triton specializes on:
+    constexprs and options, each tensor's dtype and 16-byte alignment, each int's being 1, a
+    multiple of 16 or beyond 32 bits.
+    """
+    if INTERPRET:
+        fn[grid](*args, **kwargs)
+        return
+    # Triton compiles for, and launches on, the current device
+    key = (fn, torch.cuda.current_device(), *kwargs.items(), *map(_specialization, args))
+    compiled = _compiled_kernels.get(key)
+    if compiled is None:
+        _compiled_kernels[key] = fn[grid](*args, **kwargs)
+    else:
+        compiled[(*grid, 1, 1)[:3]](*args, *[kwargs[name] for name in fn.arg_names[len(args):]])  # it wants 3 dims
+
+
+def _specialization(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    return type(arg)
+
+
 def destinations(height: int, width: int, sy: int, sx: int, downsample: int, device, key=None, seed=0, timestep=None):
     """(index (D,), slot (N,), is_dst (N,)) as merge.choose_destinations computes them: random from
     an int `key`, or from the key of (seed, timestep) with a timestep tensor; else top-left."""
@@ -491,26 +551,31 @@ def destinations(height: int, width: int, sy: int, sx: int, downsample: int, dev
     is_dst = torch.empty(num_tokens, dtype=torch.bool, device=device)
     mode = 2 if key is not None else 1 if timestep is not None else 0
     block = 1024 if not INTERPRET else 64
-    _destinations_kernel[(triton.cdiv(num_tokens, block),)](
+    _launch(
+        _destinations_kernel, (triton.cdiv(num_tokens, block),),
         timestep if mode == 1 else index, seed & 0xFFFFFFFF, key if mode == 2 else 0, index, slot, is_dst,
         height, width, cells_x, num_cells, downsample, SY=sy, SX=sx, KEY=mode, BLOCK=block,
     )  # fmt: skip
     return index, slot, is_dst
 
 
-def _resident_split(x: torch.Tensor) -> tuple[int, int] | None:
-    """(C_MAIN, C_REST) for the resident kernel: two powers of two (C_REST may be 0) that sum to the
-    channels, when a program's rows fit in shared memory beside the destination tiles; else None."""
+def _resident_split(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(C_A, C_B, C_REST) for the resident kernel: powers of two up to 128 (C_B and C_REST may be 0)
+    that sum to the channels, when a program's rows fit in registers and its smallest candidate's
+    destination tiles in shared memory; else None."""
     channels = x.shape[-1]
+    # 16 rows per warp in every candidate: a thread holds C/4 registers of fp16 rows (80 at 320)
+    if x.element_size() * channels > 768:
+        return None
     main = 1 << (channels.bit_length() - 1)
     rest = channels - main
     if main < 16 or (rest and (rest < 16 or rest & (rest - 1))):
         return None  # tl.dot wants tiles of at least 16
-    # Its smallest candidate, 64 rows and two stages of 64 destinations (SD 1.5 at 320 channels in
-    # fp16: 120 KB; an H100 has 227 KB per program, consumer GPUs about 100).
-    if not INTERPRET and x.element_size() * channels * (64 + 2 * 64) > _shared_memory(x.device):
+    # two stages of 64 destinations: 80 KB at 320 channels in fp16 (H100 227 KB, consumer GPUs ~100)
+    if not INTERPRET and x.element_size() * channels * 2 * 64 > _shared_memory(x.device):
         return None
-    return main, rest
+    first = min(main, 128)  # an identity of 128 x 128 (_rows_as_accumulator) takes 32 KB
+    return first, main - first, rest
 
 
 @functools.cache
@@ -533,16 +598,17 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: i
     score = torch.empty(batch, n_tokens, device=x.device, dtype=torch.float32)
     best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
     dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
-    _unit_destinations_kernel[(triton.cdiv(num_dst, 32), batch)](
-        x, dst_index, dst_unit, score, best, n_tokens, num_dst, channels, *x.stride(), BLOCK_D=32, BLOCK_C=block_c
-    )
+    _launch(
+        _unit_destinations_kernel, (triton.cdiv(num_dst, 32), batch),
+        x, dst_index, dst_unit, score, best, n_tokens, num_dst, channels, *x.stride(), BLOCK_D=32, BLOCK_C=block_c,
+    )  # fmt: skip
     grid = lambda meta: (triton.cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
     args = (x, dst_unit, dst_index, score, best, n_tokens, num_dst)
     dst_strides = (dst_unit.stride(0), dst_unit.stride(1))
     flags = dict(SY=sy, SX=sx, IEEE=x.dtype == torch.float32)
     if split is not None:  # SD 1.x block inputs come channels-last (stride(-1) = N): read them in place
         _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, width, *x.stride(), *dst_strides,
-                         **flags, C_MAIN=split[0], C_REST=split[1])  # fmt: skip
+                         **flags, C_A=split[0], C_B=split[1], C_REST=split[2])  # fmt: skip
     else:
         _launch_matching(_best_destination_kernel, grid, x, num_dst, *args, channels, width, *x.stride()[:2], *dst_strides,
                          **flags, BLOCK_C=block_c)  # fmt: skip
@@ -556,7 +622,7 @@ def _launch_matching(tuned, grid, x, num_dst: int, *args, **meta):
     """Launch a matching kernel (autotune over heuristics over jit). The first launch of an autotuning
     key runs the autotuner; later ones launch the jit function with the config found, without the
     autotuner's and the heuristic's Python, which cost an eager block at 512px (bound by the host)
-    about 80 us under cProfile on an H100 host."""
+    about 80 us under cProfile on an H100 host, through _launch."""
     key = (tuned, x.shape[1], num_dst, x.shape[2], x.dtype)
     config = _matching_configs_found.get(key)
     if config is None:
@@ -564,7 +630,7 @@ def _launch_matching(tuned, grid, x, num_dst: int, *args, **meta):
         _matching_configs_found[key] = tuned.best_config
         return
     even_d = num_dst % config.kwargs["BLOCK_D"] == 0
-    tuned.fn.fn[grid](*args, **meta, **config.all_kwargs(), EVEN_D=even_d)
+    _launch(tuned.fn.fn, grid(config.kwargs), *args, **meta, **config.all_kwargs(), EVEN_D=even_d)
 
 
 # Up to this many tokens (SD 512px, SDXL 1024px) one program per batch row selects and assigns the
@@ -581,7 +647,8 @@ def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, n
     slot = torch.empty_like(best)
     agent_slot = torch.empty_like(best) if has_agents else slot
     if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1):  # its counts have 16 bits
-        _one_program_slots_kernel[(batch,)](
+        _launch(
+            _one_program_slots_kernel, (batch,),
             score, best, is_dst, dst_slot, slot, agent_slot, n_tokens, num_dst, num_merged, num_agent_merged or 0,
             HAS_AGENTS=has_agents, BLOCK=triton.next_power_of_2(n_tokens), num_warps=8,
         )  # fmt: skip
@@ -592,13 +659,15 @@ def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, n
     hist, done = hist_and_done.split([batch * 5 * 2048, batch * 3])
     threshold = torch.empty(batch, 2, 2, device=score.device, dtype=torch.int64)
     for radix_pass in range(3):
-        _histogram_kernel[(programs, batch)](
+        _launch(
+            _histogram_kernel, (programs, batch),
             score, hist, done, threshold, n_tokens, num_merged, num_agent_merged or 0,
             PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=block,
         )  # fmt: skip
     below = torch.empty(batch, 2, programs, 2, device=score.device, dtype=torch.int32)
-    _below_counts_kernel[(programs, batch)](score, is_dst, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=block)
-    _slots_kernel[(programs, batch)](
+    _launch(_below_counts_kernel, (programs, batch), score, is_dst, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=block)
+    _launch(
+        _slots_kernel, (programs, batch),
         score, best, is_dst, dst_slot, threshold, below, slot, agent_slot, n_tokens, num_dst,
         HAS_AGENTS=has_agents, BLOCK=block, MAX_PROGRAMS=triton.next_power_of_2(programs),
     )  # fmt: skip
@@ -621,12 +690,14 @@ def merge_mean(x: torch.Tensor, slot, agent_slot, dst_index, is_dst, num_slots: 
     agents = torch.empty(batch, num_agents, channels, device=x.device, dtype=x.dtype) if has_agents else merged
     sums = torch.zeros(batch, num_dst, (channels + 1) * (1 + has_agents), device=x.device, dtype=torch.int64)
     block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
-    _scatter_kernel[(triton.cdiv(n_tokens, block_t), triton.cdiv(channels, block_c), batch)](
+    _launch(
+        _scatter_kernel, (triton.cdiv(n_tokens, block_t), triton.cdiv(channels, block_c), batch),
         x, slot, agent_slot if has_agents else slot, is_dst, merged, agents, sums,
         n_tokens, channels, num_dst, num_slots, num_agents or 0, x.stride(0), x.stride(1),
         HAS_AGENTS=has_agents, SCALE=_FIXED_POINT, BLOCK_T=block_t, BLOCK_C=block_c,
     )  # fmt: skip
-    _destination_mean_kernel[(triton.cdiv(num_dst, block_t), triton.cdiv(channels, block_c), batch)](
+    _launch(
+        _destination_mean_kernel, (triton.cdiv(num_dst, block_t), triton.cdiv(channels, block_c), batch),
         x, dst_index, sums, merged, agents, num_dst, channels, num_slots, num_agents or 0, x.stride(0), x.stride(1),
         HAS_AGENTS=has_agents, SCALE=_FIXED_POINT, BLOCK_D=block_t, BLOCK_C=block_c,
     )  # fmt: skip

@@ -57,8 +57,8 @@ for ieee, even_d in ((False, True), (False, False), (True, False)):
     strides = {"stride_xb": "i32", "stride_xn": "i32", "stride_db": "i32", "stride_dd": "i32"}
     flags = {"SY": 2, "SX": 2, "IEEE": ieee, "EVEN_D": even_d}
     check(k._best_destination_resident_kernel, {**pointers, "N": "i32", "D": "i32", **grid, **strides, "stride_xc": "i32", **{f: "constexpr" for f in flags},
-          "C_MAIN": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-          {**flags, "C_MAIN": 256, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8)
+          "C_A": "constexpr", "C_B": "constexpr", "C_REST": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+          {**flags, "C_A": 128, "C_B": 128, "C_REST": 64, "BLOCK_M": 128, "BLOCK_D": 64}, num_warps=8)
     check(k._best_destination_kernel, {**pointers, "N": "i32", "D": "i32", "C": "i32", **grid, **strides, **{f: "constexpr" for f in flags},
           "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_C": "constexpr"},
           {**flags, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})

@@ -40,7 +40,8 @@ def test_destinations(torch_path, seed, timestep):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("channels", [48, 40], ids=["resident", "looped"])  # 48 = 32 + 16 stays in registers
+# resident: 48 = 32 + 16 and, in fp16, 272 = 128 + 128 + 16 stay in registers; 40 = 32 + 8 loops
+@pytest.mark.parametrize("channels", [48, 272, 40], ids=["resident", "resident-3-parts", "looped"])
 @pytest.mark.parametrize(  # 30 destinations, and 32 (whole tiles of 16) with tokens right of and below the cells
     "grid, cell", [(merge.Grid(2, 12, 20), (2, 4)), (merge.Grid(1, 17, 34), (4, 4))], ids=["whole-cells", "cells-and-rest"]
 )
@@ -58,7 +59,7 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
     unit = x.float() / x.float().norm(dim=-1, keepdim=True)
     top2 = (unit @ unit[:, dst.index].transpose(1, 2)).topk(2, dim=-1).values
     clear = top2[..., 0] - top2[..., 1] > 4 * tolerance
-    assert clear.float().mean() > 0.8
+    assert clear.float().mean() > 0.7  # enough tokens to compare (similarities crowd more at 272 channels)
     assert torch.equal(k_best[clear], best[clear])
     assert torch.isinf(k_score[:, dst.index]).all()
     # the first launch of a shape autotunes; a later one launches the config found directly
@@ -100,15 +101,46 @@ def test_merge_mean(torch_path, dtype, agents):
             torch.testing.assert_close(a.float(), b, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-5)
 
 
+def test_launch_reuses_the_compiled_kernel(monkeypatch):
+    """After the first launch of a specialization, _launch calls the compiled kernel's launcher with
+    every argument in signature order; what Triton specializes on makes a new first launch."""
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "_compiled_kernels", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args))
+
+    class Jit:
+        arg_names = ["x_ptr", "n", "BLOCK", "FLAG"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("jit", grid, args, kwargs)) or Compiled()
+
+    kernel, x = Jit(), torch.zeros(64)
+    for tensor, n, block in [(x, 64, 32), (x, 64, 32), (x, 48, 32), (x[1:], 64, 32), (x, 65, 32), (x, 64, 16), (x.half(), 64, 32)]:
+        kernels._launch(kernel, (n // 16,), tensor, n, BLOCK=block, FLAG=True, num_warps=4)
+    # 48 is a multiple of 16 as 64 is: same kernel; x[1:] is not 16-byte aligned, 65 not a multiple of 16
+    assert [c[0] for c in calls] == ["jit", "direct", "direct", "jit", "jit", "jit", "jit"]
+    assert calls[0] == ("jit", (4,), (x, 64), dict(BLOCK=32, FLAG=True, num_warps=4))
+    assert calls[2] == ("direct", (3, 1, 1), (x, 48, 32, True))
+
+
 def test_resident_rows_only_where_they_fit(monkeypatch):
-    """The resident kernel needs a program's rows in shared memory beside the destination tiles."""
+    """The resident kernel needs a program's rows in registers and two stages of destination tiles
+    in shared memory."""
     monkeypatch.setattr(kernels, "INTERPRET", False)
     x = torch.empty(1, 1, 320, dtype=torch.float16)
     monkeypatch.setattr(kernels, "_shared_memory", lambda device: 227 * 1024)  # H100
-    assert kernels._resident_split(x) == (256, 64)
-    assert kernels._resident_split(x.float()) is None  # twice the bytes
+    assert kernels._resident_split(x) == (128, 128, 64)
+    assert kernels._resident_split(x[..., :192]) == (128, 0, 64)
+    assert kernels._resident_split(x.float()) is None  # twice the registers
     assert kernels._resident_split(torch.empty(1, 1, 40, dtype=torch.float16)) is None  # 32 + 8: a tile under 16
     monkeypatch.setattr(kernels, "_shared_memory", lambda device: 99 * 1024)  # consumer GPUs
+    assert kernels._resident_split(x) == (128, 128, 64)
+    monkeypatch.setattr(kernels, "_shared_memory", lambda device: 64 * 1024)
     assert kernels._resident_split(x) is None
 
 
