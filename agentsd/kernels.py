@@ -190,7 +190,7 @@ if triton is not None:
     @triton.autotune(
         # Shared memory holds the stages of destination tiles only: 40 KB each at 320 channels, fp16
         # (H100: 227 KB). The last candidate fits wherever _resident_split chooses this kernel.
-        configs=_matching_configs((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (64, 64, 4, 4), (64, 128, 4, 2), (64, 64, 4, 2)),
+        configs=_matching_configs((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (64, 64, 4, 4), (64, 64, 4, 2)),
         key=["N", "D", "C_A", "C_B", "C_REST"],
     )
     @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
