@@ -5,8 +5,8 @@ Per block and call:
 - best_destination: the cosine similarity of every source to every destination, reduced to the
   best one as it goes: the (B, N - D, D) similarity matrix is never written (1 GB per block at
   2048px). Where they fit, a program's rows are loaded once and stay in registers as the MMA's
-  first operand (SD 1.x and 2.x level 1). A launch before gathers and normalises the destinations and gives them
-  the score -inf;
+  first operand (SD 1.x and 2.x level 1). A launch before gathers and normalises the destinations
+  and gives them the score -inf;
 - assign_slots: which sources merge (the t best scores), by a selection of the t-th score (no
   sort): one program per batch row up to 4096 tokens, else a radix selection in six launches;
 - merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
@@ -517,14 +517,13 @@ def _launch(fn, grid, *args, **kwargs):
     Triton binds and specializes every argument again at each launch: 83 us per launch inside an
     eager SD 1.5 512px UNet call on an H100 host, which is bound by the host there. A launch whose
     specialization was seen before goes through the compiled kernel's own launcher instead: 27 us
-    (scripts/results/2026-11-24-h100/launch_cost.md). The key holds what Triton specializes on:
-    constexprs and options, each tensor's dtype and 16-byte alignment, each int's being 1, a
-    multiple of 16 or beyond 32 bits.
+    (scripts/results/2026-11-24-h100/launch_cost.md). The key holds the device and what Triton
+    specializes on: constexprs and options, each tensor's dtype and 16-byte alignment, each int's
+    being 1, a multiple of 16 or beyond 32 bits.
     """
     if INTERPRET:
         fn[grid](*args, **kwargs)
         return
-    # Triton compiles for, and launches on, the current device
     key = (fn, torch.cuda.current_device(), *kwargs.items(), *map(_specialization, args))
     compiled = _compiled_kernels.get(key)
     if compiled is None:
