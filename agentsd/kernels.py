@@ -509,6 +509,9 @@ if triton is not None:
 
 
 _compiled_kernels = {}  # specialization key (_launch) -> Triton's compiled kernel
+# From Triton 3.3 on, a compiled kernel's launcher takes the constexprs too (3.0-3.2 drop them from
+# its arguments): _launch calls it that way only there.
+_DIRECT_LAUNCH = triton is not None and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 3)
 
 
 def _launch(fn, grid, *args, **kwargs):
@@ -521,7 +524,7 @@ def _launch(fn, grid, *args, **kwargs):
     specializes on: constexprs and options, each tensor's dtype and 16-byte alignment, each int's
     being 1, a multiple of 16 or beyond 32 bits.
     """
-    if INTERPRET:
+    if INTERPRET or not _DIRECT_LAUNCH:
         fn[grid](*args, **kwargs)
         return
     key = (fn, torch.cuda.current_device(), *kwargs.items(), *map(_specialization, args))

@@ -105,6 +105,7 @@ def test_launch_reuses_the_compiled_kernel(monkeypatch):
     """After the first launch of a specialization, _launch calls the compiled kernel's launcher with
     every argument in signature order; what Triton specializes on makes a new first launch."""
     monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "_DIRECT_LAUNCH", True)
     monkeypatch.setattr(kernels, "_compiled_kernels", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     calls = []
@@ -126,6 +127,9 @@ def test_launch_reuses_the_compiled_kernel(monkeypatch):
     assert [c[0] for c in calls] == ["jit", "direct", "direct", "jit", "jit", "jit", "jit"]
     assert calls[0] == ("jit", (4,), (x, 64), dict(BLOCK=32, FLAG=True, num_warps=4))
     assert calls[2] == ("direct", (3, 1, 1), (x, 48, 32, True))
+    monkeypatch.setattr(kernels, "_DIRECT_LAUNCH", False)  # Triton before 3.3
+    kernels._launch(kernel, (4,), x, 64, BLOCK=32, FLAG=True, num_warps=4)
+    assert calls[-1][0] == "jit"
 
 
 def test_resident_rows_only_where_they_fit(monkeypatch):
