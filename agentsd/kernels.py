@@ -183,9 +183,7 @@ if triton is not None:
         registers (Hopper's wgmma) rather than through shared memory."""
         x = tl.load(x_rows + cols[None, :] * stride_xc, mask=row_ok[:, None], other=0.0)
         identity = (cols[:, None] == cols[None, :]).to(x.dtype)
-        if IEEE:
-            return tl.dot(x, identity, input_precision="ieee")
-        return tl.dot(x, identity)
+        return _dot_update(tl.zeros(x.shape, dtype=tl.float32), x, identity, IEEE)
 
     @triton.autotune(
         # Shared memory holds the stages of destination tiles only: 40 KB each at 320 channels, fp16
@@ -624,7 +622,7 @@ def _launch_matching(tuned, grid, x, num_dst: int, *args, **meta):
     """Launch a matching kernel (autotune over heuristics over jit). The first launch of an autotuning
     key runs the autotuner; later ones launch the jit function with the config found, without the
     autotuner's and the heuristic's Python, which cost an eager block at 512px (bound by the host)
-    about 80 us under cProfile on an H100 host, through _launch."""
+    about 80 us under cProfile on an H100 host. Both go through _launch."""
     key = (tuned, x.shape[1], num_dst, x.shape[2], x.dtype)
     config = _matching_configs_found.get(key)
     if config is None:

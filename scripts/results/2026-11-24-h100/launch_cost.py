@@ -1,7 +1,7 @@
 """In-situ host cost of one Triton launch (through `kernel[grid]` and through the compiled kernel's launcher),
 one torch.empty and one small torch op inside eager SD 1.5 512 UNet calls: K extra ops in a pre-hook of
 each of the 5 level-1 blocks. Run from the repo root: PYTHONPATH=.:scripts python scripts/results/2026-11-24-h100/launch_cost.py"""
-import statistics, time
+import statistics
 import torch, triton, triton.language as tl
 from diffusers.models.attention import BasicTransformerBlock
 from agentsd.models import unet_from_config
