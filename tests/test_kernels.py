@@ -68,6 +68,21 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
     assert torch.equal(again[0], k_score) and torch.equal(again[1], k_best)
 
 
+@pytest.mark.parametrize("channels", [48, 272, 40], ids=["resident", "resident-3-parts", "looped"])
+def test_best_destination_ties_go_to_the_lower_index(torch_path, channels):
+    """Every destination the same vector: each source ties across all of them, in every tile and
+    accumulator slot, and must take destination 0, as torch's max does."""
+    x, dst = inputs(torch.float16, grid=merge.Grid(1, 17, 34), stride=(4, 4), channels=channels)
+    x[:, dst.index] = x[:, :1]
+    score, best = merge.best_destination(x, dst)
+    k_score, k_best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
+    sources = ~dst.is_dst
+    assert dst.index.numel() > 16  # more than one destination tile (16 wide in the interpreter)
+    assert (best[:, sources] == 0).all()
+    assert torch.equal(k_best[:, sources], best[:, sources])
+    torch.testing.assert_close(k_score, score.float(), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("one_program", [True, False], ids=["one-program", "radix-launches"])
