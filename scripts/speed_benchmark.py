@@ -15,6 +15,7 @@ configuration on the CPU, which only checks that the script works.
 
 import argparse
 import contextlib
+import copy
 import csv
 import datetime
 import gc
@@ -43,6 +44,7 @@ STAGES = {"agent": dict(sx=4, sy=4, agent_ratio=0.95), "tome": dict(sx=2, sy=2, 
 SCHEDULE = {"agent": 0.4, "tome": 0.6}  # the paper's split of the trajectory
 TOP_LEVEL = {"sd15": 1, "sd21": 1, "sdxl": 2}
 EAGER_TURN = 5  # timed eager calls of a variant in a row (after 3 untimed)
+COMPILE_TURNS = 4  # turns of the compiled variants, each timing reps / 4 calls
 
 
 def main(argv=None):
@@ -81,6 +83,10 @@ def main(argv=None):
         for ratio in args.ratios:
             for mode in args.modes:
                 names = [n for n in args.variants if not (mode == "compile" and n == "tomesd")]
+                if mode == "compile" and cuda:
+                    times, errors = compiled_turns(unet, kind, names, ratio, inputs, args.reps, args.compile_mode)
+                    rows += result_rows(config, f"compile ({args.compile_mode})" if args.compile_mode else mode, ratio, times, errors)
+                    continue
                 # Eager calls are bound by the host, whose speed drifts: the variants take turns of a few
                 # calls each, in a row as in a denoising loop (a variant's first calls after the switch
                 # run with cold host caches and are not what a generation sees).
@@ -93,20 +99,14 @@ def main(argv=None):
                             continue
                         try:
                             with variant(unet, kind, name, ratio, inputs[0].shape[-2:]):
-                                times[name] += measure(unet, inputs, mode, args.reps // rounds, device, args.compile_mode)
-                                if rounds == 1:  # a compile takes a minute: show each result as it comes
+                                times[name] += measure(unet, inputs, mode, args.reps // rounds, device)
+                                if rounds == 1:  # show each graph's result as it comes
                                     print(f"# {config} {mode} {ratio} {name}: {statistics.median(times[name]):.2f} ms", flush=True)
                                 if mode == "eager" and cuda and round_ == 0:
                                     memory_rows.append(dict(config=config, variant=name, ratio=ratio, peak_gb=peak_memory(unet, inputs)))
                         except Exception as error:  # tomesd cannot be captured, for example: report it
                             errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-                label = f"compile ({args.compile_mode})" if mode == "compile" and args.compile_mode else mode
-                for name in names:
-                    row = dict(config=config, mode=label, variant=name, ratio=ratio)
-                    row.update(error=errors[name]) if name in errors else row.update(ms=statistics.median(times[name]))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                add_schedule_rows(rows, config, label, ratio)
+                rows += result_rows(config, mode, ratio, times, errors)
         del unet, inputs
         gc.collect()
         torch.cuda.empty_cache() if cuda else None
@@ -176,18 +176,53 @@ def variant(unet, kind, name, ratio, latent_size):
                 attn.set_processor(processor)
 
 
+def result_rows(config, mode, ratio, times, errors):
+    """Rows of one config, mode and ratio: each variant's median or its error, then the schedule's."""
+    rows = []
+    for name in dict.fromkeys([*times, *errors]):
+        row = dict(config=config, mode=mode, variant=name, ratio=ratio)
+        row.update(error=errors[name]) if name in errors else row.update(ms=statistics.median(times[name]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    add_schedule_rows(rows, config, mode, ratio)
+    return rows
+
+
 @torch.no_grad()
-def measure(unet, inputs, mode, reps, device, compile_mode=None):
-    """Milliseconds of `reps` calls in `mode`: eager, a replayed CUDA graph, or torch.compile."""
+def measure(unet, inputs, mode, reps, device):
+    """Milliseconds of `reps` calls in `mode`: eager or a replayed CUDA graph."""
     call = lambda: unet(*inputs)  # noqa: E731
     if device.type != "cuda" or mode == "eager":
         return times_ms(call, reps, warmup=3)
-    if mode == "compile":
-        torch._dynamo.reset()
-        compiled = torch.compile(unet, fullgraph=True, mode=compile_mode)
-        return times_ms(lambda: compiled(*inputs), reps, warmup=5)  # the first call compiles
     graph = cuda_graph(call)
     return times_ms(graph.replay, reps)
+
+
+@torch.no_grad()
+def compiled_turns(unet, kind, names, ratio, inputs, reps, compile_mode=None, backend="inductor", turns=COMPILE_TURNS):
+    """({variant: milliseconds of `reps` calls}, {variant: error}) of torch.compile'd variants that
+    take `turns` turns. A compiled SD 1.5 1024 call is close to bound by the host, whose slow spells
+    last a few calls (scripts/results/2026-11-24-h100/speed_compile_ded7c34.md): timed one after
+    another, a variant that met one came out 0.84x, then 1.40x. Patching the UNet anew for each turn
+    would recompile (new processors, new hooks), so each variant patches and compiles its own copy."""
+    torch._dynamo.reset()
+    calls, errors = {}, {}
+    with contextlib.ExitStack() as patched:
+        for name in names:
+            own = copy.deepcopy(unet)
+            try:
+                patched.enter_context(variant(own, kind, name, ratio, inputs[0].shape[-2:]))
+                compiled = torch.compile(own, fullgraph=True, mode=compile_mode, backend=backend)
+                times_ms(lambda: compiled(*inputs), 0, warmup=5)  # the first call compiles
+                calls[name] = compiled
+            except Exception as error:  # noqa: BLE001 (reported in the table)
+                errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            print(f"# compiled {name}", flush=True)
+        times = {name: [] for name in calls}
+        for _ in range(turns):
+            for name, compiled in calls.items():
+                times[name] += times_ms(lambda: compiled(*inputs), max(1, reps // turns), warmup=1)
+    return times, errors
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "speed_benchmark.py"
 
@@ -30,3 +32,37 @@ def test_nn_benchmark_smoke(tmp_path):
     result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| 1024 | agent (plain) |" in (tmp_path / "nn.md").read_text()
+
+
+def test_compiled_variants_take_turns_without_recompiling(monkeypatch):
+    """Each compiled variant patches and compiles its own copy of the UNet, so that the variants can take
+    turns (host noise then hits all alike) without a recompile at any turn."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import speed_benchmark as bench
+
+    import agentsd
+    from agentsd.models import unet_from_config
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs_after_call = []  # (timed calls, graphs compiled so far) after each times_ms
+    timed = bench.times_ms
+
+    def recording(fn, reps, warmup=3):
+        out = timed(fn, reps, warmup)
+        graphs_after_call.append((reps, counters["stats"]["unique_graphs"]))
+        return out
+
+    monkeypatch.setattr(bench, "times_ms", recording)
+    unet = unet_from_config("sd15", tiny=True).eval()
+    inputs = bench.unet_inputs(unet, "sd15", 64, torch.device("cpu"))
+    names = ["sdpa", "agent", "tome"]
+    times, errors = bench.compiled_turns(unet, "sd15", names, 0.5, inputs, reps=4, backend="eager", turns=2)
+    torch._dynamo.reset()
+
+    assert not errors and {name: len(t) for name, t in times.items()} == dict.fromkeys(names, 4)
+    assert [reps for reps, _ in graphs_after_call] == [0] * 3 + [2] * 6  # warm-ups (compiles), then 2 turns of 3
+    compiled = graphs_after_call[2][1]
+    assert compiled >= len(names)
+    assert all(graphs == compiled for _, graphs in graphs_after_call[3:])  # no turn compiled anything
+    assert not agentsd.is_patched(unet)  # the variants patched their copies
