@@ -202,8 +202,9 @@ def measure(unet, inputs, mode, reps, device):
 def compiled_turns(unet, kind, names, ratio, inputs, reps, compile_mode=None, backend="inductor", turns=COMPILE_TURNS):
     """({variant: milliseconds of `reps` calls}, {variant: error}) of torch.compile'd variants that
     take `turns` turns. A compiled SD 1.5 1024 call is close to bound by the host, whose slow spells
-    last a few calls (scripts/results/2026-11-24-h100/speed_compile_ded7c34.md): timed one after
-    another, a variant that met one came out 0.84x, then 1.40x. Patching the UNet anew for each turn
+    last several calls: timed one after another, a variant could meet a spell that the others missed
+    (the agent stage at 0.84x in one run, 1.40x in the next on the same H100 host,
+    scripts/results/2026-11-24-h100/speed_compile_ded7c34.md). Patching the UNet anew for each turn
     would recompile (new processors, new hooks), so each variant patches and compiles its own copy."""
     torch._dynamo.reset()
     calls, errors = {}, {}
@@ -215,7 +216,7 @@ def compiled_turns(unet, kind, names, ratio, inputs, reps, compile_mode=None, ba
                 compiled = torch.compile(own, fullgraph=True, mode=compile_mode, backend=backend)
                 times_ms(lambda: compiled(*inputs), 0, warmup=5)  # the first call compiles
                 calls[name] = compiled
-            except Exception as error:  # noqa: BLE001 (reported in the table)
+            except Exception as error:  # reported in the table, as in eager and graph mode
                 errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
             print(f"# compiled {name}", flush=True)
         times = {name: [] for name in calls}

@@ -37,7 +37,7 @@ def test_nn_benchmark_smoke(tmp_path):
 def test_compiled_variants_take_turns_without_recompiling(monkeypatch):
     """Each compiled variant patches and compiles its own copy of the UNet, so that the variants can take
     turns (host noise then hits all alike) without a recompile at any turn."""
-    sys.path.insert(0, str(SCRIPT.parent))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import speed_benchmark as bench
 
     import agentsd
