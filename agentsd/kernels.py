@@ -127,10 +127,12 @@ if triton is not None:
         tl.store(best_ptr + b * N + tokens, best.to(tl.int64), mask=row_ok)
 
     def _matching_configs(*configs):
-        """Autotuning candidates (BLOCK_M, BLOCK_D, num_warps, num_stages); one small tile in the interpreter."""
+        """Autotuning candidates (BLOCK_M, BLOCK_D, num_warps, num_stages[, SHARED_ROWS]); one small
+        tile in the interpreter (tests force the others through _matching_configs_found)."""
+        shared = lambda config: {"SHARED_ROWS": config[4]} if len(config) > 4 else {}  # noqa: E731
         if INTERPRET:
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16})]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w, num_stages=st) for m, d, w, st in configs]
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_D": 16, **shared(configs[0])})]
+        return [triton.Config({"BLOCK_M": c[0], "BLOCK_D": c[1], **shared(c)}, num_warps=c[2], num_stages=c[3]) for c in configs]
 
     @triton.autotune(
         configs=_matching_configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (256, 128, 8, 3)),
@@ -177,18 +179,29 @@ if triton is not None:
         _store_best(best_dot / tl.sqrt(squared_norm), best, score_ptr, best_ptr, b, N, tokens, row_ok)
 
     @triton.jit
-    def _rows_as_accumulator(x_rows, cols, row_ok, stride_xc, IEEE: tl.constexpr):
-        """x's rows at `cols` in float32, multiplied by the identity: an MMA's result comes out in the
-        accumulator layout, and only from that layout does Triton hand an MMA its first operand in
-        registers (Hopper's wgmma) rather than through shared memory."""
+    def _rows(x_rows, cols, row_ok, stride_xc, IN_REGISTERS: tl.constexpr, IEEE: tl.constexpr):
+        """x's rows at `cols`, unchanged, as an MMA's first operand, and their squared norms (float32).
+
+        IN_REGISTERS: the rows come out of a product with the identity (exact), in an MMA accumulator's
+        layout: only from that layout does Triton hand an MMA its first operand in registers (Hopper's
+        wgmma) rather than through shared memory. Else the MMA reads them from shared memory."""
         x = tl.load(x_rows + cols[None, :] * stride_xc, mask=row_ok[:, None], other=0.0)
-        identity = (cols[:, None] == cols[None, :]).to(x.dtype)
-        return _dot_update(tl.zeros(x.shape, dtype=tl.float32), x, identity, IEEE)
+        wide = x.to(tl.float32)
+        squared_norm = tl.sum(wide * wide, axis=1)
+        if IN_REGISTERS:
+            identity = (cols[:, None] == cols[None, :]).to(x.dtype)
+            x = _dot_update(tl.zeros(x.shape, dtype=tl.float32), x, identity, IEEE).to(x.dtype)
+        return x, squared_norm
 
     @triton.autotune(
-        # Shared memory holds the stages of destination tiles only: 40 KB each at 320 channels, fp16
-        # (H100: 227 KB). The last candidate fits wherever _resident_split chooses this kernel.
-        configs=_matching_configs((128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 4), (64, 64, 4, 2)),
+        # Shared memory holds the stages of destination tiles (40 KB each at 320 channels, fp16; H100:
+        # 227 KB) and, with SHARED_ROWS, the rows past the first C_A channels (96 KB for 256 rows). The
+        # fifth candidate fits wherever _resident_split chooses this kernel; candidates that do not fit
+        # a GPU are skipped by the autotuner.
+        configs=_matching_configs(
+            *[(m, d, w, st, False) for m, d, w, st in ((128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 4), (64, 64, 4, 2))],
+            (256, 64, 16, 3, True),
+        ),
         key=["N", "D", "C_A", "C_B", "C_REST"],
     )
     @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
@@ -198,64 +211,72 @@ if triton is not None:
         N, D, W, stride_xb, stride_xn, stride_xc, stride_db, stride_dd,
         SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr,
         C_A: tl.constexpr, C_B: tl.constexpr, C_REST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SHARED_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
         """_best_destination_kernel for C = C_A + C_B + C_REST channels (powers of two up to 128; C_B
-        and C_REST may be 0): a program's rows are loaded once, normalised, and stay in registers as
-        the MMA's first operand while the destination tiles stream by. Against rows kept in shared
-        memory, 1.11x at 65536 tokens and 2x2 cells, 1.2-1.5x at 4096 (H100,
-        scripts/results/2026-11-24-h100/matching_registers.md)."""
+        and C_REST may be 0): a program's rows are loaded once and stay resident as the MMA's first
+        operand while the destination tiles stream by: all in registers, or (SHARED_ROWS) the first
+        C_A channels in registers and the rest in shared memory. The rows stay as they are (a row's
+        best destination does not depend on its norm); the best dot product is divided by the norm.
+
+        Registers: 1.11x against rows in shared memory at 128 rows (65536 tokens, 2x2 cells; 1.2-1.5x
+        at 4096; matching_registers.md). SHARED_ROWS makes room for 256 rows per program (16 warps),
+        which halves what each destination tile costs in L2 bandwidth: 1.14-1.22x from 16384 tokens
+        (bm256.md; both in scripts/results/2026-11-24-h100/)."""
         b = tl.program_id(1)
         sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = sources < N - D
         tokens = _source_tokens(sources, dst_index_ptr, N, W, SY, SX)
         x_rows = x_ptr + b * stride_xb + tokens[:, None] * stride_xn
-        cols_a = tl.arange(0, C_A)
-        rows_a = _rows_as_accumulator(x_rows, cols_a, row_ok, stride_xc, IEEE)
-        squared_norm = tl.sum(rows_a * rows_a, axis=1)
+        # The shared parts first: their registers are free again before the first part's are taken.
+        squared_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
         if C_B > 0:
             cols_b = C_A + tl.arange(0, C_B)
-            rows_b = _rows_as_accumulator(x_rows, cols_b, row_ok, stride_xc, IEEE)
-            squared_norm += tl.sum(rows_b * rows_b, axis=1)
+            rows_b, part = _rows(x_rows, cols_b, row_ok, stride_xc, not SHARED_ROWS, IEEE)
+            squared_norm += part
         if C_REST > 0:
             cols_rest = C_A + C_B + tl.arange(0, C_REST)
-            rows_rest = _rows_as_accumulator(x_rows, cols_rest, row_ok, stride_xc, IEEE)
-            squared_norm += tl.sum(rows_rest * rows_rest, axis=1)
-        inverse_norm = tl.where(row_ok, 1.0 / tl.sqrt(squared_norm), 0.0)  # padding rows: 0, not NaN
-        dtype = x_ptr.dtype.element_ty
-        unit_a = (rows_a * inverse_norm[:, None]).to(dtype)
-        if C_B > 0:
-            unit_b = (rows_b * inverse_norm[:, None]).to(dtype)
-        if C_REST > 0:
-            unit_rest = (rows_rest * inverse_norm[:, None]).to(dtype)
+            rows_rest, part = _rows(x_rows, cols_rest, row_ok, stride_xc, not SHARED_ROWS, IEEE)
+            squared_norm += part
+        cols_a = tl.arange(0, C_A)
+        rows_a, part = _rows(x_rows, cols_a, row_ok, stride_xc, True, IEEE)
+        inverse_norm = tl.where(row_ok, 1.0 / tl.sqrt(squared_norm + part), 0.0)  # padding rows: 0, not NaN
 
-        # Each thread keeps the best of its own accumulator slots over the destination tiles (a compare
-        # and two selects per slot, no exchange between threads), reduced once after the last tile:
-        # 1.03-1.07x against a reduction across threads per tile from 16384 tokens up, 1.02x at 4096
-        # (H100, scripts/results/2026-11-24-h100/slot_best.md).
         dst_base = dst_ptr + b * stride_db
         in_tile = tl.arange(0, BLOCK_D)
-        slot_dot = tl.full([BLOCK_M, BLOCK_D], float("-inf"), dtype=tl.float32)
-        slot_d0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+        # With the rows in registers each thread keeps the best of its own accumulator slots over the
+        # destination tiles (a compare and two selects per slot, no exchange between threads), reduced
+        # once after the last tile: 1.03-1.07x against a reduction per tile from 16384 tokens up, 1.02x
+        # at 4096 (slot_best.md). At 16 warps (128 registers per thread) that state would spill.
+        if SHARED_ROWS:
+            best_dot = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            best = tl.zeros([BLOCK_M], dtype=tl.int32)
+        else:
+            slot_dot = tl.full([BLOCK_M, BLOCK_D], float("-inf"), dtype=tl.float32)
+            slot_d0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
         for d0 in range(0, D, BLOCK_D):
             dsts = d0 + in_tile
             dst_cols = dst_base + dsts[None, :] * stride_dd
             in_d = dsts[None, :] < D
             dot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            dot = _dot_update(dot, unit_a, tl.load(dst_cols + cols_a[:, None], mask=in_d, other=0.0), IEEE)
+            dot = _dot_update(dot, rows_a, tl.load(dst_cols + cols_a[:, None], mask=in_d, other=0.0), IEEE)
             if C_B > 0:
-                dot = _dot_update(dot, unit_b, tl.load(dst_cols + cols_b[:, None], mask=in_d, other=0.0), IEEE)
+                dot = _dot_update(dot, rows_b, tl.load(dst_cols + cols_b[:, None], mask=in_d, other=0.0), IEEE)
             if C_REST > 0:
-                dot = _dot_update(dot, unit_rest, tl.load(dst_cols + cols_rest[:, None], mask=in_d, other=0.0), IEEE)
-            if not EVEN_D:
-                dot = tl.where(in_d, dot, float("-inf"))
-            better = dot > slot_dot  # strictly: of equal scores the earlier tile's stays
-            slot_dot = tl.where(better, dot, slot_dot)
-            slot_d0 = tl.where(better, d0, slot_d0)
-        best_dot = tl.max(slot_dot, axis=1)
-        best = tl.min(tl.where(slot_dot == best_dot[:, None], slot_d0 + in_tile[None, :], D), axis=1)  # ties: lower index
+                dot = _dot_update(dot, rows_rest, tl.load(dst_cols + cols_rest[:, None], mask=in_d, other=0.0), IEEE)
+            if SHARED_ROWS:
+                best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best, EVEN_D)
+            else:
+                if not EVEN_D:
+                    dot = tl.where(in_d, dot, float("-inf"))
+                better = dot > slot_dot  # strictly: of equal scores the earlier tile's stays
+                slot_dot = tl.where(better, dot, slot_dot)
+                slot_d0 = tl.where(better, d0, slot_d0)
+        if not SHARED_ROWS:
+            best_dot = tl.max(slot_dot, axis=1)
+            best = tl.min(tl.where(slot_dot == best_dot[:, None], slot_d0 + in_tile[None, :], D), axis=1)  # ties: lower index
 
-        _store_best(best_dot, best, score_ptr, best_ptr, b, N, tokens, row_ok)
+        _store_best(best_dot * inverse_norm, best, score_ptr, best_ptr, b, N, tokens, row_ok)
 
     # Selection of the t best-scoring sources without a sort. Token order in the merged sequence is
     # free (ALGORITHM.md), so the unmerged sources take slots D, D+1, ... in token order, and only the
@@ -585,7 +606,7 @@ def _resident_split(x: torch.Tensor) -> tuple[int, int, int] | None:
     # two stages of 64 destinations: 80 KB at 320 channels in fp16 (H100 227 KB, consumer GPUs ~100)
     if not INTERPRET and x.element_size() * channels * 2 * 64 > _shared_memory(x.device):
         return None
-    first = min(main, 128)  # an identity of 128 x 128 (_rows_as_accumulator) takes 32 KB
+    first = min(main, 128)  # an identity of 128 x 128 (_rows) takes 32 KB
     return first, main - first, rest
 
 

@@ -83,6 +83,40 @@ def test_best_destination_ties_go_to_the_lower_index(torch_path, channels):
     torch.testing.assert_close(k_score, score.float(), rtol=2e-3, atol=2e-3)
 
 
+# Every candidate of the resident kernel's autotuner (on the CPU the interpreter's small tile, with the
+# rows in registers and in shared memory), forced one at a time
+RESIDENT_CONFIGS = (
+    []
+    if kernels.triton is None
+    else [kernels.triton.Config({"BLOCK_M": 16, "BLOCK_D": 16, "SHARED_ROWS": shared}) for shared in (False, True)]
+    if kernels.INTERPRET or DEVICE == "cpu"
+    else kernels._best_destination_resident_kernel.configs
+)
+
+
+@pytest.mark.parametrize("config", RESIDENT_CONFIGS, ids=str)
+def test_every_resident_config(torch_path, monkeypatch, config):
+    """Scores and indices as the reference's, and ties to the lower index, whichever candidate the
+    autotuner picks on a GPU."""
+    grid, cell = merge.Grid(1, 17, 34), (4, 4)
+    x, dst = inputs(torch.float16, grid=grid, stride=cell, channels=272)  # 128 + 128 + 16
+    x = (x * torch.linspace(0.1, 30, x.shape[1], device=DEVICE)[:, None].half()).transpose(1, 2).contiguous().transpose(1, 2)
+    tied = x.clone()
+    tied[:, dst.index] = tied[:, :1]  # every source ties across all destinations
+    key = (kernels._best_destination_resident_kernel, x.shape[1], dst.index.numel(), 272, torch.float16)
+    monkeypatch.setitem(kernels._matching_configs_found, key, config)
+    for metric in (x, tied):
+        score, best = merge.best_destination(metric, dst)
+        k_score, k_best = kernels.best_destination(metric, dst.index, dst.width, *dst.cell)
+        torch.testing.assert_close(k_score, score.float(), rtol=2e-3, atol=2e-3)
+        unit = metric.float() / metric.float().norm(dim=-1, keepdim=True)
+        top2 = (unit @ unit[:, dst.index].transpose(1, 2)).topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 8e-3
+        assert torch.equal(k_best[clear], best[clear])
+    sources = ~dst.is_dst
+    assert (k_best[:, sources] == 0).all()  # the tied input's
+
+
 @pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("one_program", [True, False], ids=["one-program", "radix-launches"])
