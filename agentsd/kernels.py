@@ -4,9 +4,9 @@ Per block and call:
 - destinations: the block's destination pattern, from the call's timestep tensor, in one launch;
 - best_destination: the cosine similarity of every source to every destination, reduced to the
   best one as it goes: the (B, N - D, D) similarity matrix is never written (1 GB per block at
-  2048px). Where they fit, a program's rows are loaded once and stay in registers as the MMA's
-  first operand (SD 1.x and 2.x level 1). A launch before gathers and normalises the destinations
-  and gives them the score -inf;
+  2048px). Where they fit, a program's rows are loaded once and stay resident as the MMA's first
+  operand, in registers or partly in shared memory (SD 1.x and 2.x level 1). A launch before
+  gathers and normalises the destinations and gives them the score -inf;
 - assign_slots: which sources merge (the t best scores), by a selection of the t-th score (no
   sort): one program per batch row up to 4096 tokens, else a radix selection in six launches;
 - merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
@@ -184,7 +184,8 @@ if triton is not None:
 
         IN_REGISTERS: the rows come out of a product with the identity (exact), in an MMA accumulator's
         layout: only from that layout does Triton hand an MMA its first operand in registers (Hopper's
-        wgmma) rather than through shared memory. Else the MMA reads them from shared memory."""
+        wgmma) rather than through shared memory. Else the MMA reads them from shared memory. The
+        norms come from the loaded rows: taken from the MMA's output they cost 5-10% (bm256.md)."""
         x = tl.load(x_rows + cols[None, :] * stride_xc, mask=row_ok[:, None], other=0.0)
         wide = x.to(tl.float32)
         squared_norm = tl.sum(wide * wide, axis=1)
@@ -221,7 +222,7 @@ if triton is not None:
 
         Registers: 1.11x against rows in shared memory at 128 rows (65536 tokens, 2x2 cells; 1.2-1.5x
         at 4096; matching_registers.md). SHARED_ROWS makes room for 256 rows per program (16 warps),
-        which halves what each destination tile costs in L2 bandwidth: 1.14-1.22x from 16384 tokens
+        which halves what each destination tile costs in L2 bandwidth: 1.19-1.22x from 16384 tokens
         (bm256.md; both in scripts/results/2026-11-24-h100/)."""
         b = tl.program_id(1)
         sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
