@@ -136,18 +136,22 @@ if triton is not None:
 
     @triton.autotune(
         configs=_matching_configs((128, 64, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (256, 128, 8, 3)),
-        key=["N", "D", "C"],
+        key=["N", "D", "C", "D_PER_SPLIT"],
     )
     @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
     @triton.jit
     def _best_destination_kernel(
         x_ptr, dst_ptr, dst_index_ptr, score_ptr, best_ptr,
-        N, D, C, W, stride_xb, stride_xn, stride_db, stride_dd,
+        N, D, C, W, stride_xb, stride_xn, stride_db, stride_dd, D_PER_SPLIT,
         SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
-        """Rows: the sources, by ordinal (_source_tokens); dst: the unit destinations (B, D, C)."""
+        """Rows: the sources, by ordinal (_source_tokens); dst: the unit destinations (B, D, C).
+        Program (i, b, s) matches its rows against destinations [s, s + 1) * D_PER_SPLIT (a multiple
+        of BLOCK_D) and writes to score_ptr / best_ptr + s * B * N (split s's part, see _combine_splits)."""
         b = tl.program_id(1)
+        split_offset = tl.program_id(2) * tl.num_programs(1) * N
+        d_start = tl.program_id(2) * D_PER_SPLIT
         sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = sources < N - D
         tokens = _source_tokens(sources, dst_index_ptr, N, W, SY, SX)
@@ -162,7 +166,7 @@ if triton is not None:
 
         best_dot = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         best = tl.zeros([BLOCK_M], dtype=tl.int32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(d_start, tl.minimum(D, d_start + D_PER_SPLIT), BLOCK_D):
             dsts = d0 + tl.arange(0, BLOCK_D)
             dot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
@@ -176,7 +180,30 @@ if triton is not None:
                 dot = _dot_update(dot, x, d, IEEE)
             best_dot, best = _keep_best(dot, d0, dsts, D, best_dot, best, EVEN_D)
 
-        _store_best(best_dot / tl.sqrt(squared_norm), best, score_ptr, best_ptr, b, N, tokens, row_ok)
+        score = best_dot / tl.sqrt(squared_norm)
+        _store_best(score, best, score_ptr + split_offset, best_ptr + split_offset, b, N, tokens, row_ok)
+
+    @triton.jit
+    def _combine_splits_kernel(
+        part_score_ptr, part_best_ptr, dst_index_ptr, score_ptr, best_ptr, N, D, W, SPLITS,
+        SY: tl.constexpr, SX: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """score / best of every source = the best of the splits' parts (SPLITS, B, N); of equal
+        scores the earlier split's (lower destination index) stays."""
+        b = tl.program_id(1)
+        sources = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = sources < N - D
+        tokens = b * N + _source_tokens(sources, dst_index_ptr, N, W, SY, SX)
+        score = tl.load(part_score_ptr + tokens, mask=ok)
+        best = tl.load(part_best_ptr + tokens, mask=ok)
+        for s in range(1, SPLITS):
+            part = s * tl.num_programs(1) * N + tokens
+            other = tl.load(part_score_ptr + part, mask=ok)
+            better = other > score
+            score = tl.where(better, other, score)
+            best = tl.where(better, tl.load(part_best_ptr + part, mask=ok), best)
+        tl.store(score_ptr + tokens, score, mask=ok)
+        tl.store(best_ptr + tokens, best, mask=ok)
 
     @triton.jit
     def _rows(x_rows, cols, row_ok, stride_xc, IN_REGISTERS: tl.constexpr, IEEE: tl.constexpr):
@@ -635,17 +662,51 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: i
         _unit_destinations_kernel, (triton.cdiv(num_dst, 32), batch),
         x, dst_index, dst_unit, score, best, n_tokens, num_dst, channels, *x.stride(), BLOCK_D=32, BLOCK_C=block_c,
     )  # fmt: skip
-    grid = lambda meta: (triton.cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
-    args = (x, dst_unit, dst_index, score, best, n_tokens, num_dst)
     dst_strides = (dst_unit.stride(0), dst_unit.stride(1))
     flags = dict(SY=sy, SX=sx, IEEE=x.dtype == torch.float32)
     if split is not None:  # SD 1.x block inputs come channels-last (stride(-1) = N): read them in place
+        grid = lambda meta: (triton.cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
+        args = (x, dst_unit, dst_index, score, best, n_tokens, num_dst)
         _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, width, *x.stride(), *dst_strides,
                          **flags, C_A=split[0], C_B=split[1], C_REST=split[2])  # fmt: skip
+        return score, best
+    splits = _destination_splits(batch, n_tokens, num_dst, x.device)
+    d_per_split = triton.cdiv(triton.cdiv(num_dst, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    splits = triton.cdiv(num_dst, d_per_split)
+    if splits > 1:  # each split writes its part beside score/best; one more launch combines them
+        part_score = torch.empty(splits, batch, n_tokens, device=x.device, dtype=torch.float32)
+        part_best = torch.empty(splits, batch, n_tokens, device=x.device, dtype=torch.int64)
     else:
-        _launch_matching(_best_destination_kernel, grid, x, num_dst, *args, channels, width, *x.stride()[:2], *dst_strides,
-                         **flags, BLOCK_C=block_c)  # fmt: skip
+        part_score, part_best = score, best
+    grid = lambda meta: (triton.cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch, splits)  # noqa: E731
+    args = (x, dst_unit, dst_index, part_score, part_best, n_tokens, num_dst)
+    _launch_matching(_best_destination_kernel, grid, x, num_dst, *args, channels, width, *x.stride()[:2], *dst_strides,
+                     d_per_split, **flags, BLOCK_C=block_c)  # fmt: skip
+    if splits > 1:
+        block = 1024 if not INTERPRET else 64
+        _launch(
+            _combine_splits_kernel, (triton.cdiv(n_tokens - num_dst, block), batch),
+            part_score, part_best, dst_index, score, best, n_tokens, num_dst, width, splits, SY=sy, SX=sx, BLOCK=block,
+        )  # fmt: skip
     return score, best
+
+
+# Destinations of one split of the looped matching: a multiple of its largest BLOCK_D
+SPLIT_ALIGN = 256 if not INTERPRET else 16
+
+
+def _destination_splits(batch: int, n_tokens: int, num_dst: int, device) -> int:
+    """Into how many parts the looped matching splits the destinations: with few rows the GPU is not
+    filled (SDXL 1024px, level 2: 48 programs of 128 rows on an H100's 132 SMs)."""
+    if INTERPRET:
+        return 1
+    programs = triton.cdiv(n_tokens - num_dst, 128) * batch
+    return max(1, min(triton.cdiv(_multiprocessors(device), programs), num_dst // SPLIT_ALIGN))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _matching_configs_found = {}  # (kernel, N, D, C, dtype): the config its autotuner chose

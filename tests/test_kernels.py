@@ -117,6 +117,27 @@ def test_every_resident_config(torch_path, monkeypatch, config):
     assert (k_best[:, sources] == 0).all()  # the tied input's
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_looped_matching_split_over_destinations(torch_path, monkeypatch, tied):
+    """With the destinations split across programs (few rows, e.g. SDXL 1024px) the results are the
+    unsplit kernel's, ties to the lower index included."""
+    # 40 channels: the looped kernel; two splits of whole tiles (16 in the interpreter, up to 256 on a GPU)
+    grid, cell = (merge.Grid(1, 17, 34), (4, 4)) if kernels.INTERPRET else (merge.Grid(1, 64, 64), (2, 2))
+    x, dst = inputs(torch.float16, grid=grid, stride=cell, channels=40)
+    if tied:
+        x[:, dst.index] = x[:, :1]
+    whole = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
+    monkeypatch.setattr(kernels, "_destination_splits", lambda *args: 2)  # 32 destinations: 16 + 16; 1024: 512 + 512
+    calls = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda fn, grid, *a, **k: calls.append(grid) or launch(fn, grid, *a, **k))
+    split = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
+    assert any(len(grid) == 3 and grid[2] == 2 for grid in calls if not callable(grid))  # it did split
+    assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
+    if tied:
+        assert (split[1][:, ~dst.is_dst] == 0).all()
+
+
 @pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("one_program", [True, False], ids=["one-program", "radix-launches"])
