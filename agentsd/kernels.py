@@ -148,7 +148,7 @@ if triton is not None:
     ):  # fmt: skip
         """Rows: the sources, by ordinal (_source_tokens); dst: the unit destinations (B, D, C).
         Program (i, b, s) matches its rows against destinations [s, s + 1) * D_PER_SPLIT (a multiple
-        of BLOCK_D) and writes to score_ptr / best_ptr + s * B * N (split s's part, see _combine_splits)."""
+        of BLOCK_D) and writes to score_ptr / best_ptr + s * B * N (its part, see _combine_splits_kernel)."""
         b = tl.program_id(1)
         split_offset = tl.program_id(2) * tl.num_programs(1) * N
         d_start = tl.program_id(2) * D_PER_SPLIT
