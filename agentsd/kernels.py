@@ -645,6 +645,11 @@ def _shared_memory(device: torch.device) -> int:
     return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: int, sx: int):
     """x (B, N, C) on a grid `width` tokens wide, destination positions (D,) of its sy x sx cells ->
     cosine score and index of the best destination, (B, N) float32 and int64. Only the sources are
@@ -691,8 +696,8 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: i
     return score, best
 
 
-# Destinations of one split of the looped matching: a multiple of its largest BLOCK_D
-SPLIT_ALIGN = 256 if not INTERPRET else 16
+# Destinations of one split of the looped matching: whole tiles of its largest BLOCK_D
+SPLIT_ALIGN = max(c.kwargs["BLOCK_D"] for c in _best_destination_kernel.configs) if triton is not None else 0
 
 
 def _destination_splits(batch: int, n_tokens: int, num_dst: int, device) -> int:
@@ -702,11 +707,6 @@ def _destination_splits(batch: int, n_tokens: int, num_dst: int, device) -> int:
         return 1
     programs = triton.cdiv(n_tokens - num_dst, 128) * batch
     return max(1, min(triton.cdiv(_multiprocessors(device), programs), num_dst // SPLIT_ALIGN))
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _matching_configs_found = {}  # (kernel, N, D, C, dtype): the config its autotuner chose
