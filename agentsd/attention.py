@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .merge import merge, merge_with_agents, unmerge
 from .nn.functional import agent_attention
@@ -10,37 +11,42 @@ from .nn.functional import agent_attention
 class AgentSDAttnProcessor:
     """Self-attention on merged tokens: merge -> agent or plain attention -> unmerge.
 
-    Reads the merge plan that the block's pre-hook left in `block_merge.plan`. Without a plan
+    Reads the merge plan that the block's forward left in `block_merge.plan`. Without a plan
     (unpatched level, ratio too small, a mask or another sequence length) it calls the processor
-    it replaced, unchanged; plain ToMe attention also runs through that processor unless
-    `upcast` asks for float32 similarities.
+    it replaced, unchanged; plain ToMe attention also runs through that processor unless it is
+    diffusers' AttnProcessor2_0 (then `plain_attention`, the same in fewer host steps) or `upcast`
+    asks for float32 similarities.
     """
 
-    def __init__(self, original, block_merge, *, k_scale2: float, k_shortcut: float, upcast: bool):
+    def __init__(self, original, block_merge, *, k_scale2: float, k_shortcut: float, upcast: bool, plain: bool):
         self.original = original
         self.block_merge = block_merge
         self.k_scale2 = k_scale2
         self.k_shortcut = k_shortcut
         self.upcast = upcast
+        self.plain = plain  # plain_attention computes what `original` does (is_plain)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         plan = self.block_merge.plan_of(attn)
         if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.slot.shape[1]:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        return self.merged_attention(attn, hidden_states, encoder_hidden_states, plan, **kwargs)
 
-        if plan.num_agent_merged is not None and encoder_hidden_states is None:
-            return unmerge(self.agent_attention(attn, *merge_with_agents(hidden_states, plan)), plan)
-        merged = merge(hidden_states, plan)
-        if self.upcast:
-            out = self.float32_attention(attn, merged, encoder_hidden_states)
+    def merged_attention(self, attn, x: torch.Tensor, context: torch.Tensor | None, plan, **kwargs) -> torch.Tensor:
+        """x (B, N, C) -> (B, N, C) through the merged sequence of `plan`."""
+        if plan.num_agent_merged is not None and context is None:
+            return unmerge(self.agent_attention(attn, *merge_with_agents(x, plan)), plan)
+        merged = merge(x, plan)
+        if self.plain or self.upcast:
+            out = plain_attention(attn, merged, merged if context is None else context, upcast=self.upcast)
         else:
-            out = self.original(attn, merged, encoder_hidden_states, None, **kwargs)
+            out = self.original(attn, merged, context, None, **kwargs)
         return unmerge(out, plan)
 
     def agent_attention(self, attn, x: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
         """x (B, N - t, C), agents (B, n, C) -> (B, N - t, C)."""
         q, k, v, a = (
-            self._heads(attn, proj(tokens))
+            _heads(attn, proj(tokens))
             for proj, tokens in ((attn.to_q, x), (attn.to_k, x), (attn.to_v, x), (attn.to_q, agents))
         )
         dtype = q.dtype
@@ -49,21 +55,41 @@ class AgentSDAttnProcessor:
         out = agent_attention(
             q, a, k, v, scale=attn.scale, agent_scale=attn.scale**self.k_scale2, shortcut=self.k_shortcut
         )
-        return self._out(attn, out.to(dtype))
+        return _out(attn, out.to(dtype))
 
-    def float32_attention(self, attn, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = (self._heads(attn, proj(t)) for proj, t in ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=attn.scale)
-        return self._out(attn, out.to(q.dtype))
 
-    # view and transpose, not einops: a few microseconds less per call, and eager calls at 512px
-    # are bound by the host
-    @staticmethod
-    def _heads(attn, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # b n (h d) -> b h n d
+def is_plain(attn: Attention, processor) -> bool:
+    """Whether `processor` on `attn` computes exactly plain_attention: diffusers' AttnProcessor2_0 on
+    an Attention without spatial or group norm, query/key norms, residual or output rescaling."""
+    return (
+        type(processor) is AttnProcessor2_0
+        and attn.spatial_norm is None
+        and attn.group_norm is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and not attn.norm_cross
+        and not attn.residual_connection
+        and attn.rescale_output_factor == 1
+    )
 
-    @staticmethod
-    def _out(attn, x: torch.Tensor) -> torch.Tensor:
-        x = attn.to_out[1](attn.to_out[0](x.transpose(1, 2).flatten(2)))  # b h n d -> b n (h d)
-        return x if attn.rescale_output_factor == 1 else x / attn.rescale_output_factor  # one launch less
+
+def plain_attention(attn, x: torch.Tensor, context: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
+    """Attention of x (B, N, C) over context (B, M, C') -> (B, N, C), without masks. As
+    AttnProcessor2_0 on an Attention of is_plain, bit for bit, in fewer host steps (eager calls at
+    512px are bound by the host); `upcast` computes the similarities in float32."""
+    q, k, v = (_heads(attn, proj(t)) for proj, t in ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
+    if upcast:
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=attn.scale).to(q.dtype)
+    else:  # AttnProcessor2_0 leaves the scale to SDPA's default
+        out = F.scaled_dot_product_attention(q, k, v)
+    return _out(attn, out)
+
+
+# view and transpose, not einops: a few microseconds less per call
+def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # b n (h d) -> b h n d
+
+
+def _out(attn, x: torch.Tensor) -> torch.Tensor:
+    x = attn.to_out[1](attn.to_out[0](x.transpose(1, 2).flatten(2)))  # b h n d -> b n (h d)
+    return x if attn.rescale_output_factor == 1 else x / attn.rescale_output_factor  # one launch less

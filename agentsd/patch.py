@@ -2,8 +2,9 @@
 
 What a patch installs, all of it undone by remove_patch:
 - a forward pre-hook and hook on the UNet: latent size, stage and timestep of the call;
-- a forward pre-hook on every BasicTransformerBlock of the merged levels: its merge plan, from the
-  block input X, given up after its last use (blocks of deeper levels are left alone);
+- a forward on every BasicTransformerBlock of the merged levels: its merge plan, from the block
+  input X, given up after its last use, then block.py's lean_forward where it computes what
+  diffusers' forward does, else diffusers' forward (blocks of deeper levels are left alone);
 - AgentSDAttnProcessor on each block's attn1 (the replaced processor is kept inside it);
 - with merge_crossattn / merge_mlp, merge and unmerge hooks around attn2 / ff;
 - on a pipeline, a wrapper of scheduler.scale_model_input (the stage) and of progress_bar (to
@@ -16,7 +17,8 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-from .attention import AgentSDAttnProcessor
+from .attention import AgentSDAttnProcessor, is_plain, plain_attention
+from .block import is_lean, lean_forward, runs_lean
 from .config import K_SCALE2, K_SHORTCUT, RATIO, AgentSDConfig, build_config
 from .merge import choose_destinations, merge, merge_counts, plan_merge, token_grid, unmerge
 from .schedule import StageTracker
@@ -135,6 +137,7 @@ class UNetPatch:
             unet.register_forward_hook(self.after_unet),
         ]
         self.processors = []  # (attn1, our processor) to restore
+        self.forwards = []  # (block, our forward) to remove
         self.progress_bar_wrapper = None  # (weak pipe, wrapper) to undo
         # Per call, set by before_unet:
         self.latent_size = None
@@ -150,13 +153,13 @@ class UNetPatch:
             users = [m for m, wanted in users if wanted and m is not None]
             if not users:  # nothing merges in this block: no plan, no hooks
                 continue
-            block_merge = BlockMerge(self, users[-1])
-            self.handles.append(block.register_forward_pre_hook(block_merge.before_block, with_kwargs=True))
+            block_merge = BlockMerge(self, block, users[-1])
             if config.merge_attn:
                 processor = AgentSDAttnProcessor(
-                    block.attn1.processor, block_merge, k_scale2=config.k_scale2,
-                    k_shortcut=config.k_shortcut, upcast=config.attn_precision == "fp32",
+                    block.attn1.processor, block_merge, k_scale2=config.k_scale2, k_shortcut=config.k_shortcut,
+                    upcast=config.attn_precision == "fp32", plain=is_plain(block.attn1, block.attn1.processor),
                 )  # fmt: skip
+                block_merge.run_lean_with(processor)
                 block.attn1.set_processor(processor)
                 self.processors.append((block.attn1, processor))
             for module in users:
@@ -164,6 +167,8 @@ class UNetPatch:
                     continue
                 self.handles.append(module.register_forward_pre_hook(block_merge.merge_input))
                 self.handles.append(module.register_forward_hook(block_merge.unmerge_output))
+            block.forward = block_merge.forward
+            self.forwards.append((block, block.forward))
         unet._agentsd = self
 
     def follow_pipeline(self, pipe) -> None:
@@ -185,6 +190,9 @@ class UNetPatch:
         for attn, processor in self.processors:
             if attn.processor is processor:  # the user may have set another processor since
                 attn.set_processor(processor.original)
+        for block, forward in self.forwards:
+            if block.__dict__.get("forward") is forward:
+                del block.forward
         self.tracker.unfollow()
         if self.progress_bar_wrapper is not None:
             pipe_ref, progress_bar = self.progress_bar_wrapper
@@ -224,12 +232,21 @@ class UNetPatch:
 
 
 class BlockMerge:
-    """The merge plan of one transformer block for the current call, and its hooks."""
+    """The merge plan of one transformer block for the current call, and the block's forward and hooks."""
 
-    def __init__(self, patch: UNetPatch, last_user):
+    def __init__(self, patch: UNetPatch, block, last_user):
         self.patch = patch
+        self.block = block
         self.last_user = last_user
+        self.replaced = block.forward
+        self.processor = None  # our attn1 processor, for lean_forward
+        self.lean = False
         self.plan = None
+
+    def run_lean_with(self, processor: AgentSDAttnProcessor) -> None:
+        """Run lean_forward, with `processor` on attn1, where it computes what the replaced forward does."""
+        self.processor = processor
+        self.lean = is_lean(self.block, processor.original)
 
     def plan_of(self, module):
         """The plan, given up here if `module` is its last user in the block."""
@@ -238,9 +255,21 @@ class BlockMerge:
             self.plan = None
         return plan
 
-    def before_block(self, block, args, kwargs) -> None:
-        x = args[0] if args else kwargs["hidden_states"]
-        self.plan = self.patch.plan_for(x)
+    def forward(self, hidden_states, *args, **kwargs):
+        """The block's forward under the patch: the plan, then lean_forward where it applies, else
+        the forward it replaced."""
+        self.plan = self.patch.plan_for(hidden_states)
+        if self.lean and runs_lean(self.block, self.processor, hidden_states, args, kwargs):
+            return lean_forward(self.block, hidden_states, kwargs["encoder_hidden_states"], self.self_attention)
+        return self.replaced(hidden_states, *args, **kwargs)
+
+    def self_attention(self, h):
+        """block.attn1(h) in lean_forward."""
+        attn = self.block.attn1
+        plan = self.plan_of(attn)
+        if plan is None:
+            return plain_attention(attn, h, h)
+        return self.processor.merged_attention(attn, h, None, plan)
 
     def merge_input(self, module, args):
         plan = self.plan

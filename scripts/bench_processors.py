@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from agentsd.attention import AgentSDAttnProcessor
+from agentsd.attention import AgentSDAttnProcessor, _heads, _out
+from agentsd.block import lean_forward, runs_lean
 from agentsd.merge import merge_counts
 from agentsd.patch import transformer_blocks
 
@@ -23,9 +24,6 @@ from agentsd.patch import transformer_blocks
 def blocks_up_to(unet, max_downsample: int):
     """(downsample, block) of the BasicTransformerBlocks at levels downsampled at most `max_downsample`."""
     return [(level, block) for level, block in transformer_blocks(unet) if level <= max_downsample]
-
-
-_heads, _out = AgentSDAttnProcessor._heads, AgentSDAttnProcessor._out
 
 
 class NoCoreProcessor:
@@ -49,7 +47,7 @@ class FreePlanProcessor(AgentSDAttnProcessor):
     """A stage with fixed gather indices in place of the merge plan and the merge."""
 
     def __init__(self, num_tokens: int, num_dst: int, ratio: float, agent_ratio: float, device):
-        super().__init__(None, None, k_scale2=0.3, k_shortcut=0.075, upcast=False)
+        super().__init__(None, None, k_scale2=0.3, k_shortcut=0.075, upcast=False, plain=False)
         num_merged, num_agent_merged = merge_counts(num_tokens, num_dst, ratio, agent_ratio)
         kept = num_tokens - num_merged
         spread = lambda count: torch.arange(count, device=device) * num_tokens // count  # noqa: E731
@@ -65,6 +63,20 @@ class FreePlanProcessor(AgentSDAttnProcessor):
             q, k, v = (_heads(attn, proj(merged)) for proj in (attn.to_q, attn.to_k, attn.to_v))
             out = _out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
         return out.index_select(1, self.back)
+
+
+def lean_free_forward(block, processor):
+    """block.forward for a free plan, as a patched block runs (agentsd/block.py): lean_forward around
+    `processor` on attn1 where it applies."""
+    replaced = block.forward
+
+    def forward(hidden_states, *args, **kwargs):
+        if runs_lean(block, processor, hidden_states, args, kwargs):
+            attend = lambda h: processor(block.attn1, h)  # noqa: E731
+            return lean_forward(block, hidden_states, kwargs["encoder_hidden_states"], attend)
+        return replaced(hidden_states, *args, **kwargs)
+
+    return forward
 
 
 def grid_of(latent_size, downsample):

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agentsd  # noqa: E402
 from agentsd.models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, unet_from_config  # noqa: E402
-from bench_processors import FreePlanProcessor, NoCoreProcessor, ToDoProcessor, blocks_up_to, grid_of  # noqa: E402
+from agentsd.block import is_lean  # noqa: E402
+from bench_processors import FreePlanProcessor, NoCoreProcessor, ToDoProcessor, blocks_up_to, grid_of, lean_free_forward  # noqa: E402
 from timing import cuda_graph, times_ms  # noqa: E402
 
 CONFIGS = {
@@ -40,6 +41,8 @@ CONFIGS = {
 }  # fmt: skip
 DEFAULT_CONFIGS = ["sd15-512", "sd15-768", "sd15-1024", "sd15-2048", "sdxl-1024", "sdxl-2048"]
 VARIANTS = ["sdpa", "nocore", "tomesd", "todo", "agent", "free-agent", "tome", "free-tome"]
+# On request: the agentsd patch with nothing merged (ratio 0), its blocks' lean forward alone
+ALL_VARIANTS = [*VARIANTS[:4], "no-merge", *VARIANTS[4:]]
 STAGES = {"agent": dict(sx=4, sy=4, agent_ratio=0.95), "tome": dict(sx=2, sy=2, agent_ratio=0.5)}
 SCHEDULE = {"agent": 0.4, "tome": 0.6}  # the paper's split of the trajectory
 TOP_LEVEL = {"sd15": 1, "sd21": 1, "sdxl": 2}
@@ -51,7 +54,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=None, choices=sorted(CONFIGS), help="model-resolution pairs")
     parser.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph", "compile"])
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=ALL_VARIANTS)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.4, 0.5])
     parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                         help="torch.compile's mode (reduce-overhead replays CUDA graphs of the compiled code)")  # fmt: skip
@@ -141,8 +144,8 @@ def variant(unet, kind, name, ratio, latent_size):
     top = TOP_LEVEL[kind]
     if name == "sdpa":
         yield
-    elif name in STAGES:
-        agentsd.apply_patch(unet, ratio, **STAGES[name], seed=0)
+    elif name in STAGES or name == "no-merge":
+        agentsd.apply_patch(unet, ratio if name in STAGES else 0.0, **STAGES.get(name, STAGES["agent"]), seed=0)
         try:
             yield
         finally:
@@ -167,13 +170,16 @@ def variant(unet, kind, name, ratio, latent_size):
                 stage = STAGES[name.removeprefix("free-")]
                 num_dst = (h // stage["sy"]) * (w // stage["sx"])
                 processor = FreePlanProcessor(h * w, num_dst, ratio, stage["agent_ratio"], unet.device)
-            originals[block.attn1] = block.attn1.processor
+                if is_lean(block, block.attn1.processor):  # the stages' blocks run lean_forward
+                    block.forward = lean_free_forward(block, processor)
+            originals[block] = block.attn1.processor
             block.attn1.set_processor(processor)
         try:
             yield
         finally:
-            for attn, processor in originals.items():
-                attn.set_processor(processor)
+            for block, processor in originals.items():
+                block.attn1.set_processor(processor)
+                block.__dict__.pop("forward", None)
 
 
 def result_rows(config, mode, ratio, times, errors):
@@ -334,7 +340,7 @@ def markdown(header, rows, memory_rows, generation_rows):
     if not rows:
         lines.append("(no single-call timings in this run)")
     keys = sorted({(r["config"], r["mode"], r["ratio"]) for r in rows}, key=lambda k: (k[1], k[0], k[2]))
-    names = [n for n in VARIANTS + ["schedule", "free-schedule"] if any(r["variant"] == n for r in rows)]
+    names = [n for n in ALL_VARIANTS + ["schedule", "free-schedule"] if any(r["variant"] == n for r in rows)]
     if rows:
         lines.append("| mode | config | ratio | " + " | ".join(names) + " |")
         lines.append("|---" * (3 + len(names)) + "|")
@@ -360,11 +366,11 @@ def markdown(header, rows, memory_rows, generation_rows):
     lines += [""] + [f"- fails: {e}" for e in sorted(errors)]
     if memory_rows:
         lines += ["", "Peak GPU memory of one eager call (GB, weights included):", "",
-                  "| config | ratio | " + " | ".join(names[: len(VARIANTS)]) + " |",
-                  "|---" * (2 + len(names[: len(VARIANTS)])) + "|"]  # fmt: skip
+                  "| config | ratio | " + " | ".join(names[: len(ALL_VARIANTS)]) + " |",
+                  "|---" * (2 + len(names[: len(ALL_VARIANTS)])) + "|"]  # fmt: skip
         for config, ratio in sorted({(r["config"], r["ratio"]) for r in memory_rows}):
             cell = {r["variant"]: r["peak_gb"] for r in memory_rows if (r["config"], r["ratio"]) == (config, ratio)}
-            lines.append(f"| {config} | {ratio} | " + " | ".join(f"{cell[n]:.2f}" if n in cell else "" for n in names[: len(VARIANTS)]) + " |")
+            lines.append(f"| {config} | {ratio} | " + " | ".join(f"{cell[n]:.2f}" if n in cell else "" for n in names[: len(ALL_VARIANTS)]) + " |")
     if generation_rows:
         lines += ["", "Whole generations (one image, CFG, random weights, eager):", "",
                   "| config | method | steps | s/image | peak GB/image |", "|---|---|---|---|---|"]  # fmt: skip

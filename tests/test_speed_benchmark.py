@@ -66,3 +66,28 @@ def test_compiled_variants_take_turns_without_recompiling(monkeypatch):
     assert compiled >= len(names)
     assert all(graphs == compiled for _, graphs in graphs_after_call[3:])  # no turn compiled anything
     assert not agentsd.is_patched(unet)  # the variants patched their copies
+
+
+@torch.no_grad()
+def test_free_plans_and_no_merge_run_the_lean_forward(monkeypatch):
+    """The free plans' blocks run lean_forward as the stages' do, and no-merge is the baseline's math."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import speed_benchmark as bench
+
+    from agentsd.models import unet_from_config
+
+    unet = unet_from_config("sd15", tiny=True).eval()
+    inputs = bench.unet_inputs(unet, "sd15", 64, torch.device("cpu"))
+    baseline = unet(*inputs).sample
+    blocks = [block for _, block in bench.blocks_up_to(unet, 1)]
+    with bench.variant(unet, "sd15", "no-merge", 0.5, inputs[0].shape[-2:]):
+        assert all("forward" in block.__dict__ for block in blocks)
+        assert torch.equal(unet(*inputs).sample, baseline)
+    with bench.variant(unet, "sd15", "free-agent", 0.5, inputs[0].shape[-2:]):
+        assert all("forward" in block.__dict__ for block in blocks)
+        lean = unet(*inputs).sample
+        for block in blocks:
+            del block.forward
+        assert torch.equal(unet(*inputs).sample, lean)
+        assert not torch.equal(lean, baseline)
+    assert not any("forward" in block.__dict__ for block in blocks)
