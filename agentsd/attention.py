@@ -46,7 +46,7 @@ class AgentSDAttnProcessor:
     def agent_attention(self, attn, x: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
         """x (B, N - t, C), agents (B, n, C) -> (B, N - t, C)."""
         q, k, v, a = (
-            _heads(attn, proj(tokens))
+            split_heads(attn, proj(tokens))
             for proj, tokens in ((attn.to_q, x), (attn.to_k, x), (attn.to_v, x), (attn.to_q, agents))
         )
         dtype = q.dtype
@@ -55,7 +55,7 @@ class AgentSDAttnProcessor:
         out = agent_attention(
             q, a, k, v, scale=attn.scale, agent_scale=attn.scale**self.k_scale2, shortcut=self.k_shortcut
         )
-        return _out(attn, out.to(dtype))
+        return output_projection(attn, out.to(dtype))
 
 
 def is_plain(attn: Attention, processor) -> bool:
@@ -77,19 +77,21 @@ def plain_attention(attn, x: torch.Tensor, context: torch.Tensor, *, upcast: boo
     """Attention of x (B, N, C) over context (B, M, C') -> (B, N, C), without masks. As
     AttnProcessor2_0 on an Attention of is_plain, bit for bit, in fewer host steps (eager calls at
     512px are bound by the host); `upcast` computes the similarities in float32."""
-    q, k, v = (_heads(attn, proj(t)) for proj, t in ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
+    q, k, v = (split_heads(attn, proj(t)) for proj, t in ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
     if upcast:
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=attn.scale).to(q.dtype)
     else:  # AttnProcessor2_0 leaves the scale to SDPA's default
         out = F.scaled_dot_product_attention(q, k, v)
-    return _out(attn, out)
+    return output_projection(attn, out)
 
 
 # view and transpose, not einops: a few microseconds less per call
-def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+def split_heads(attn, x: torch.Tensor) -> torch.Tensor:
+    """A projection's output (B, N, H * d) -> (B, H, N, d)."""
     return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # b n (h d) -> b h n d
 
 
-def _out(attn, x: torch.Tensor) -> torch.Tensor:
+def output_projection(attn, x: torch.Tensor) -> torch.Tensor:
+    """Attention output per head (B, H, N, d) -> attn.to_out of it (B, N, C)."""
     x = attn.to_out[1](attn.to_out[0](x.transpose(1, 2).flatten(2)))  # b h n d -> b n (h d)
     return x if attn.rescale_output_factor == 1 else x / attn.rescale_output_factor  # one launch less

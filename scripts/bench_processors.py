@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from agentsd.attention import AgentSDAttnProcessor, _heads, _out
+from agentsd.attention import AgentSDAttnProcessor, output_projection, split_heads
 from agentsd.block import lean_forward, runs_lean
 from agentsd.merge import merge_counts
 from agentsd.patch import transformer_blocks
@@ -39,8 +39,9 @@ class ToDoProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         grid = rearrange(hidden_states, "b (h w) c -> b h w c", h=self.height, w=self.width)
         context = rearrange(grid[:, ::2, ::2], "b h w c -> b (h w) c")  # nearest-neighbour 2x2 downsampling
-        q, k, v = _heads(attn, attn.to_q(hidden_states)), _heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context))
-        return _out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
+        q = split_heads(attn, attn.to_q(hidden_states))
+        k, v = (split_heads(attn, proj(context)) for proj in (attn.to_k, attn.to_v))
+        return output_projection(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
 
 
 class FreePlanProcessor(AgentSDAttnProcessor):
@@ -60,8 +61,8 @@ class FreePlanProcessor(AgentSDAttnProcessor):
         if self.agents is not None:
             out = self.agent_attention(attn, merged, hidden_states.index_select(1, self.agents))
         else:
-            q, k, v = (_heads(attn, proj(merged)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-            out = _out(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
+            q, k, v = (split_heads(attn, proj(merged)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+            out = output_projection(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
         return out.index_select(1, self.back)
 
 
