@@ -95,6 +95,7 @@ def main(argv=None):
                 # run with cold host caches and are not what a generation sees).
                 rounds = max(1, args.reps // EAGER_TURN) if mode == "eager" and cuda else 1
                 times = {name: [] for name in names}
+                turns = {name: [] for name in names}  # each round's median
                 errors = {}
                 for round_ in range(rounds):
                     for name in names:
@@ -102,14 +103,16 @@ def main(argv=None):
                             continue
                         try:
                             with variant(unet, kind, name, ratio, inputs[0].shape[-2:]):
-                                times[name] += measure(unet, inputs, mode, args.reps // rounds, device)
+                                turn = measure(unet, inputs, mode, args.reps // rounds, device)
+                                times[name] += turn
+                                turns[name].append(statistics.median(turn))
                                 if rounds == 1:  # show each graph's result as it comes
                                     print(f"# {config} {mode} {ratio} {name}: {statistics.median(times[name]):.2f} ms", flush=True)
                                 if mode == "eager" and cuda and round_ == 0:
                                     memory_rows.append(dict(config=config, variant=name, ratio=ratio, peak_gb=peak_memory(unet, inputs)))
                         except Exception as error:  # tomesd cannot be captured, for example: report it
                             errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-                rows += result_rows(config, mode, ratio, times, errors)
+                rows += result_rows(config, mode, ratio, times, errors, paired_speedups(turns) if rounds > 1 else {})
         del unet, inputs
         gc.collect()
         torch.cuda.empty_cache() if cuda else None
@@ -182,16 +185,30 @@ def variant(unet, kind, name, ratio, latent_size):
                 block.__dict__.pop("forward", None)
 
 
-def result_rows(config, mode, ratio, times, errors):
-    """Rows of one config, mode and ratio: each variant's median or its error, then the schedule's."""
+def result_rows(config, mode, ratio, times, errors, speedups=None):
+    """Rows of one config, mode and ratio: each variant's median or its error (and its paired
+    speed-up over SDPA, where given), then the schedule's."""
     rows = []
     for name in dict.fromkeys([*times, *errors]):
         row = dict(config=config, mode=mode, variant=name, ratio=ratio)
         row.update(error=errors[name]) if name in errors else row.update(ms=statistics.median(times[name]))
+        if speedups and name in speedups and name not in errors:
+            row.update(speedup=speedups[name])
         rows.append(row)
         print(json.dumps(row), flush=True)
     add_schedule_rows(rows, config, mode, ratio)
     return rows
+
+
+def paired_speedups(turns):
+    """{variant: median over rounds of SDPA's turn time over the variant's}, from each round's median
+    per variant. The host's speed drifts by tens of percent within a run (scripts/results/2026-11-24-h100/
+    lean_forward.md); a variant's turn sits seconds from SDPA's of the same round, so the drift
+    between rounds cancels."""
+    base = turns.get("sdpa")
+    if not base:
+        return {}
+    return {name: statistics.median(b / t for b, t in zip(base, ts)) for name, ts in turns.items() if len(ts) == len(base)}
 
 
 @torch.no_grad()
@@ -248,10 +265,14 @@ def peak_memory(unet, inputs):
 def add_schedule_rows(rows, config, mode, ratio):
     """The paper's schedule, weighted 40% agent stage and 60% ToMe stage (and its free-plan bound)."""
     by_name = {r["variant"]: r.get("ms") for r in rows if (r["config"], r["mode"], r["ratio"]) == (config, mode, ratio)}
+    speedups = {r["variant"]: r.get("speedup") for r in rows if (r["config"], r["mode"], r["ratio"]) == (config, mode, ratio)}
     for name, parts in (("schedule", ("agent", "tome")), ("free-schedule", ("free-agent", "free-tome"))):
         if all(by_name.get(p) for p in parts):
             ms = sum(SCHEDULE[p.removeprefix("free-")] * by_name[p] for p in parts)
-            rows.append(dict(config=config, mode=mode, variant=name, ratio=ratio, ms=ms))
+            row = dict(config=config, mode=mode, variant=name, ratio=ratio, ms=ms)
+            if all(speedups.get(p) for p in parts):  # time-weighted, as ms is
+                row.update(speedup=1 / sum(SCHEDULE[p.removeprefix("free-")] / speedups[p] for p in parts))
+            rows.append(row)
 
 
 @torch.no_grad()
@@ -325,7 +346,7 @@ def write_outputs(out: Path, rows, memory_rows, generation_rows, device):
     header = (f"{name}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
               f"{datetime.date.today().isoformat()}, fp16, CFG batch 2")  # fmt: skip
     with open(out / "speed.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["config", "mode", "variant", "ratio", "ms", "error"])
+        writer = csv.DictWriter(f, fieldnames=["config", "mode", "variant", "ratio", "ms", "speedup", "error"])
         writer.writeheader()
         writer.writerows(rows)
     (out / "speed.json").write_text(json.dumps(dict(header=header, calls=rows, memory=memory_rows,
@@ -337,6 +358,9 @@ def write_outputs(out: Path, rows, memory_rows, generation_rows, device):
 
 def markdown(header, rows, memory_rows, generation_rows):
     lines = [f"Measured on {header}.", ""]
+    if any(r.get("speedup") for r in rows):
+        lines += ["Speed-ups of rows that took turns in rounds (eager): the median over rounds of SDPA's turn "
+                  "over the variant's; others: SDPA's median over the variant's.", ""]  # fmt: skip
     if not rows:
         lines.append("(no single-call timings in this run)")
     keys = sorted({(r["config"], r["mode"], r["ratio"]) for r in rows}, key=lambda k: (k[1], k[0], k[2]))
@@ -357,9 +381,13 @@ def markdown(header, rows, memory_rows, generation_rows):
             else:
                 text = f"{r['ms']:.1f} ms"
                 if base:
-                    text += f" ({base / r['ms']:.2f}x"
-                    free = cell.get(f"free-{n}", {}).get("ms") if n in ("agent", "tome", "schedule") else None
-                    text += f", {free / r['ms']:.0%} of free)" if free else ")"
+                    speedup = r.get("speedup") or base / r["ms"]
+                    text += f" ({speedup:.2f}x"
+                    free = cell.get(f"free-{n}") if n in ("agent", "tome", "schedule") else None
+                    if free and free.get("ms"):
+                        free_speedup = free.get("speedup") or base / free["ms"]
+                        text += f", {speedup / free_speedup:.0%} of free"
+                    text += ")"
                 out.append(text)
         lines.append(f"| {mode} | {config} | {ratio} | " + " | ".join(out) + " |")
     errors = {r["error"] for r in rows if r.get("error")}

@@ -91,3 +91,22 @@ def test_free_plans_and_no_merge_run_the_lean_forward(monkeypatch):
         assert torch.equal(unet(*inputs).sample, lean)
         assert not torch.equal(lean, baseline)
     assert not any("forward" in block.__dict__ for block in blocks)
+
+
+def test_eager_speedups_pair_each_round_with_its_sdpa_turn(monkeypatch):
+    """A host that slows down between rounds (here 3x in the second and third) must not show as a
+    slower variant: each round's variant is compared with that round's SDPA."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import speed_benchmark as bench
+
+    turns = {"sdpa": [10.0, 10.0, 30.0], "agent": [11.0, 33.0, 33.0], "tome": [8.0, 24.0, 24.0],
+             "free-agent": [10.0, 30.0, 30.0]}  # fmt: skip
+    speedups = bench.paired_speedups(turns)
+    assert speedups["agent"] == pytest.approx(10 / 11)  # unpaired medians would say 10 / 33
+    assert speedups["sdpa"] == 1.0
+    times = {name: t for name, t in turns.items()}
+    rows = bench.result_rows("sd15-512", "eager", 0.4, times, {}, speedups)
+    schedule = next(r for r in rows if r["variant"] == "schedule")
+    assert schedule["speedup"] == pytest.approx(1 / (0.4 * 11 / 10 + 0.6 * 8 / 10))
+    table = bench.markdown("test", rows, [], [])
+    assert "(0.91x, 91% of free)" in table  # the agent stage, and against its free plan (1.00x)
