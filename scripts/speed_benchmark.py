@@ -264,14 +264,13 @@ def peak_memory(unet, inputs):
 
 def add_schedule_rows(rows, config, mode, ratio):
     """The paper's schedule, weighted 40% agent stage and 60% ToMe stage (and its free-plan bound)."""
-    by_name = {r["variant"]: r.get("ms") for r in rows if (r["config"], r["mode"], r["ratio"]) == (config, mode, ratio)}
-    speedups = {r["variant"]: r.get("speedup") for r in rows if (r["config"], r["mode"], r["ratio"]) == (config, mode, ratio)}
+    cell = {r["variant"]: r for r in rows if (r["config"], r["mode"], r["ratio"]) == (config, mode, ratio)}
     for name, parts in (("schedule", ("agent", "tome")), ("free-schedule", ("free-agent", "free-tome"))):
-        if all(by_name.get(p) for p in parts):
-            ms = sum(SCHEDULE[p.removeprefix("free-")] * by_name[p] for p in parts)
-            row = dict(config=config, mode=mode, variant=name, ratio=ratio, ms=ms)
-            if all(speedups.get(p) for p in parts):  # time-weighted, as ms is
-                row.update(speedup=1 / sum(SCHEDULE[p.removeprefix("free-")] / speedups[p] for p in parts))
+        if all(cell.get(p, {}).get("ms") for p in parts):
+            weights = [SCHEDULE[p.removeprefix("free-")] for p in parts]
+            row = dict(config=config, mode=mode, variant=name, ratio=ratio, ms=sum(w * cell[p]["ms"] for w, p in zip(weights, parts)))
+            if all(cell[p].get("speedup") for p in parts):  # time-weighted, as ms is
+                row.update(speedup=1 / sum(w / cell[p]["speedup"] for w, p in zip(weights, parts)))
             rows.append(row)
 
 
