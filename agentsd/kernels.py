@@ -566,7 +566,7 @@ if triton is not None:
             tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
 
 
-_compiled_kernels = {}  # specialization key (_launch) -> Triton's compiled kernel
+_launchers = {}  # specialization key (_launch) -> launch(grid, args) through Triton's compiled kernel
 # From Triton 3.3 on, a compiled kernel's launcher takes the constexprs too (3.0-3.2 drop them from
 # its arguments): _launch calls it that way only there.
 _DIRECT_LAUNCH = triton is not None and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 3)
@@ -577,28 +577,57 @@ def _launch(fn, grid, *args, **kwargs):
 
     Triton binds and specializes every argument again at each launch: 83 us per launch inside an
     eager SD 1.5 512px UNet call on an H100 host, which is bound by the host there. A launch whose
-    specialization was seen before goes through the compiled kernel's own launcher instead: 27 us
-    (scripts/results/2026-11-24-h100/launch_cost.md). The key holds the device and what Triton
-    specializes on: constexprs and options, each tensor's dtype and 16-byte alignment, each int's
-    being 1, a multiple of 16 or beyond 32 bits.
+    specialization was seen before goes through the compiled kernel's launcher instead (27 us through
+    `compiled[grid]`, scripts/results/2026-11-24-h100/launch_cost.md), with tensors passed as their
+    addresses (the launcher then skips a driver query per pointer). The key holds the device and
+    what Triton specializes on: constexprs and options, each tensor's dtype and 16-byte alignment,
+    each int's being 1, a multiple of 16 or beyond 32 bits.
     """
     if INTERPRET or not _DIRECT_LAUNCH:
         fn[grid](*args, **kwargs)
         return
-    key = (fn, torch.cuda.current_device(), *kwargs.items(), *map(_specialization, args))
-    compiled = _compiled_kernels.get(key)
-    if compiled is None:
-        _compiled_kernels[key] = fn[grid](*args, **kwargs)
+    values, key = [], [fn, torch._C._cuda_getDevice(), *kwargs.items()]
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            address = arg.data_ptr()
+            values.append(address)
+            key.append((arg.dtype, address % 16 == 0))
+        else:
+            values.append(arg)
+            key.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31) if type(arg) is int else type(arg))
+    key = tuple(key)
+    launcher = _launchers.get(key)
+    if launcher is None:
+        compiled = fn[grid](*args, **kwargs)
+        _launchers[key] = _direct_launcher(compiled, [kwargs[name] for name in fn.arg_names[len(args):]])
     else:
-        compiled[(*grid, 1, 1)[:3]](*args, *[kwargs[name] for name in fn.arg_names[len(args):]])  # it wants 3 dims
+        launcher((*grid, 1, 1)[:3], values)  # it wants 3 dims
 
 
-def _specialization(arg):
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, int) and not isinstance(arg, bool):
-        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
-    return type(arg)
+def _direct_launcher(compiled, constexprs: list):
+    """launch(grid, args): `compiled[grid](*args, *constexprs)` on the current stream. Where no
+    profiler listens to launches (Triton's launch hooks, e.g. Proton), it calls the launcher itself:
+    Triton's runner would look up the device and stream, build launch metadata and call two empty
+    hook chains at every launch."""
+
+    def launch(grid, args):
+        if _launch_hooks_idle():
+            run(*grid, torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice()), function, metadata,
+                None, None, None, *args, *constexprs)  # fmt: skip
+        else:
+            compiled[grid](*args, *constexprs)
+
+    compiled._init_handles()
+    run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    return launch
+
+
+def _launch_hooks_idle() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # before Triton 3.4 hooks were class attributes of CompiledKernel
+        return False
+    hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return all(hook is None or not getattr(hook, "calls", True) for hook in hooks)
 
 
 def destinations(height: int, width: int, sy: int, sx: int, downsample: int, device, key=None, seed=0, timestep=None):

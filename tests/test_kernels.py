@@ -172,17 +172,29 @@ def test_merge_mean(torch_path, dtype, agents):
 
 
 def test_launch_reuses_the_compiled_kernel(monkeypatch):
-    """After the first launch of a specialization, _launch calls the compiled kernel's launcher with
-    every argument in signature order; what Triton specializes on makes a new first launch."""
+    """After the first launch of a specialization, _launch calls the compiled kernel's launcher on the
+    current stream with every argument in signature order, tensors as their addresses; what Triton
+    specializes on makes a new first launch; with a launch hook set, Triton's own runner."""
     monkeypatch.setattr(kernels, "INTERPRET", False)
     monkeypatch.setattr(kernels, "_DIRECT_LAUNCH", True)
-    monkeypatch.setattr(kernels, "_compiled_kernels", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(kernels, "_launchers", {})
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    hooks = []
+    monkeypatch.setattr(kernels, "_launch_hooks_idle", lambda: not hooks)
     calls = []
 
     class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def _init_handles(self):
+            pass
+
+        def run(self, *args):
+            calls.append(("direct", args))
+
         def __getitem__(self, grid):
-            return lambda *args: calls.append(("direct", grid, args))
+            return lambda *args: calls.append(("runner", grid, args))
 
     class Jit:
         arg_names = ["x_ptr", "n", "BLOCK", "FLAG"]
@@ -196,10 +208,24 @@ def test_launch_reuses_the_compiled_kernel(monkeypatch):
     # 48 is a multiple of 16 as 64 is: same kernel; x[1:] is not 16-byte aligned, 65 not a multiple of 16
     assert [c[0] for c in calls] == ["jit", "direct", "direct", "jit", "jit", "jit", "jit"]
     assert calls[0] == ("jit", (4,), (x, 64), dict(BLOCK=32, FLAG=True, num_warps=4))
-    assert calls[2] == ("direct", (3, 1, 1), (x, 48, 32, True))
+    assert calls[2] == ("direct", (3, 1, 1, 1234, "function", "metadata", None, None, None, x.data_ptr(), 48, 32, True))
+    hooks.append("profiler")
+    kernels._launch(kernel, (4,), x, 64, BLOCK=32, FLAG=True, num_warps=4)
+    assert calls[-1] == ("runner", (4, 1, 1), (x.data_ptr(), 64, 32, True))
     monkeypatch.setattr(kernels, "_DIRECT_LAUNCH", False)  # Triton before 3.3
     kernels._launch(kernel, (4,), x, 64, BLOCK=32, FLAG=True, num_warps=4)
     assert calls[-1][0] == "jit"
+
+
+@pytest.mark.skipif(kernels.triton is None or not hasattr(kernels.triton, "knobs"), reason="Triton with knobs")
+def test_launch_hooks_idle_follows_tritons_hook_chains(monkeypatch):
+    runtime = kernels.triton.knobs.runtime
+    assert kernels._launch_hooks_idle() == (not runtime.launch_enter_hook.calls and not runtime.launch_exit_hook.calls)
+    runtime.launch_enter_hook.add(print)
+    try:
+        assert not kernels._launch_hooks_idle()
+    finally:
+        runtime.launch_enter_hook.remove(print)
 
 
 def test_resident_rows_only_where_they_fit(monkeypatch):
