@@ -566,6 +566,15 @@ if triton is not None:
             tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
 
 
+# triton.cdiv and triton.next_power_of_2 are constexpr functions: ~1 us of host time per call
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 _launchers = {}  # specialization key (_launch) -> launch(grid, args) through Triton's compiled kernel
 # From Triton 3.3 on, a compiled kernel's launcher takes the constexprs too (3.0-3.2 drop them from
 # its arguments): _launch calls it that way only there.
@@ -641,7 +650,7 @@ def destinations(height: int, width: int, sy: int, sx: int, downsample: int, dev
     mode = 2 if key is not None else 1 if timestep is not None else 0
     block = 1024 if not INTERPRET else 64
     _launch(
-        _destinations_kernel, (triton.cdiv(num_tokens, block),),
+        _destinations_kernel, (_cdiv(num_tokens, block),),
         timestep if mode == 1 else index, seed & 0xFFFFFFFF, key if mode == 2 else 0, index, slot, is_dst,
         height, width, cells_x, num_cells, downsample, SY=sy, SX=sx, KEY=mode, BLOCK=block,
     )  # fmt: skip
@@ -688,38 +697,38 @@ def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: i
     if split is None and x.stride(-1) != 1:  # the looped kernel reads its rows again for every destination tile
         x = x.contiguous()
     num_dst = dst_index.numel()
-    block_c = min(64, max(16, triton.next_power_of_2(channels)))
+    block_c = min(64, max(16, _next_power_of_2(channels)))
     score = torch.empty(batch, n_tokens, device=x.device, dtype=torch.float32)
     best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
     dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
     _launch(
-        _unit_destinations_kernel, (triton.cdiv(num_dst, 32), batch),
+        _unit_destinations_kernel, (_cdiv(num_dst, 32), batch),
         x, dst_index, dst_unit, score, best, n_tokens, num_dst, channels, *x.stride(), BLOCK_D=32, BLOCK_C=block_c,
     )  # fmt: skip
     dst_strides = (dst_unit.stride(0), dst_unit.stride(1))
     flags = dict(SY=sy, SX=sx, IEEE=x.dtype == torch.float32)
     if split is not None:  # SD 1.x block inputs come channels-last (stride(-1) = N): read them in place
-        grid = lambda meta: (triton.cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
+        grid = lambda meta: (_cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
         args = (x, dst_unit, dst_index, score, best, n_tokens, num_dst)
         _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, width, *x.stride(), *dst_strides,
                          **flags, C_A=split[0], C_B=split[1], C_REST=split[2])  # fmt: skip
         return score, best
     splits = _destination_splits(batch, n_tokens, num_dst, x.device)
-    d_per_split = triton.cdiv(triton.cdiv(num_dst, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    splits = triton.cdiv(num_dst, d_per_split)
+    d_per_split = _cdiv(_cdiv(num_dst, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    splits = _cdiv(num_dst, d_per_split)
     if splits > 1:  # each split writes its part beside score/best; one more launch combines them
         part_score = torch.empty(splits, batch, n_tokens, device=x.device, dtype=torch.float32)
         part_best = torch.empty(splits, batch, n_tokens, device=x.device, dtype=torch.int64)
     else:
         part_score, part_best = score, best
-    grid = lambda meta: (triton.cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch, splits)  # noqa: E731
+    grid = lambda meta: (_cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch, splits)  # noqa: E731
     args = (x, dst_unit, dst_index, part_score, part_best, n_tokens, num_dst)
     _launch_matching(_best_destination_kernel, grid, x, num_dst, *args, channels, width, *x.stride()[:2], *dst_strides,
                      d_per_split, **flags, BLOCK_C=block_c)  # fmt: skip
     if splits > 1:
         block = 1024 if not INTERPRET else 64
         _launch(
-            _combine_splits_kernel, (triton.cdiv(n_tokens - num_dst, block), batch),
+            _combine_splits_kernel, (_cdiv(n_tokens - num_dst, block), batch),
             part_score, part_best, dst_index, score, best, n_tokens, num_dst, width, splits, SY=sy, SX=sx, BLOCK=block,
         )  # fmt: skip
     return score, best
@@ -734,8 +743,8 @@ def _destination_splits(batch: int, n_tokens: int, num_dst: int, device) -> int:
     filled (SDXL 1024px, level 2: 48 programs of 128 rows on an H100's 132 SMs)."""
     if INTERPRET:
         return 1
-    programs = triton.cdiv(n_tokens - num_dst, 128) * batch
-    return max(1, min(triton.cdiv(_multiprocessors(device), programs), num_dst // SPLIT_ALIGN))
+    programs = _cdiv(n_tokens - num_dst, 128) * batch
+    return max(1, min(_cdiv(_multiprocessors(device), programs), num_dst // SPLIT_ALIGN))
 
 
 _matching_configs_found = {}  # (kernel, N, D, C, dtype): the config its autotuner chose
@@ -773,11 +782,11 @@ def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, n
         _launch(
             _one_program_slots_kernel, (batch,),
             score, best, is_dst, dst_slot, slot, agent_slot, n_tokens, num_dst, num_merged, num_agent_merged or 0,
-            HAS_AGENTS=has_agents, BLOCK=triton.next_power_of_2(n_tokens), num_warps=8,
+            HAS_AGENTS=has_agents, BLOCK=_next_power_of_2(n_tokens), num_warps=8,
         )  # fmt: skip
         return slot, (agent_slot if has_agents else None)
     block = 1024 if not INTERPRET else 64
-    programs = triton.cdiv(n_tokens, block)
+    programs = _cdiv(n_tokens, block)
     hist_and_done = torch.zeros(batch * (5 * 2048 + 3), device=score.device, dtype=torch.int32)  # one memset
     hist, done = hist_and_done.split([batch * 5 * 2048, batch * 3])
     threshold = torch.empty(batch, 2, 2, device=score.device, dtype=torch.int64)
@@ -792,7 +801,7 @@ def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, n
     _launch(
         _slots_kernel, (programs, batch),
         score, best, is_dst, dst_slot, threshold, below, slot, agent_slot, n_tokens, num_dst,
-        HAS_AGENTS=has_agents, BLOCK=block, MAX_PROGRAMS=triton.next_power_of_2(programs),
+        HAS_AGENTS=has_agents, BLOCK=block, MAX_PROGRAMS=_next_power_of_2(programs),
     )  # fmt: skip
     return slot, (agent_slot if has_agents else None)
 
@@ -814,13 +823,13 @@ def merge_mean(x: torch.Tensor, slot, agent_slot, dst_index, is_dst, num_slots: 
     sums = torch.zeros(batch, num_dst, (channels + 1) * (1 + has_agents), device=x.device, dtype=torch.int64)
     block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
     _launch(
-        _scatter_kernel, (triton.cdiv(n_tokens, block_t), triton.cdiv(channels, block_c), batch),
+        _scatter_kernel, (_cdiv(n_tokens, block_t), _cdiv(channels, block_c), batch),
         x, slot, agent_slot if has_agents else slot, is_dst, merged, agents, sums,
         n_tokens, channels, num_dst, num_slots, num_agents or 0, x.stride(0), x.stride(1),
         HAS_AGENTS=has_agents, SCALE=_FIXED_POINT, BLOCK_T=block_t, BLOCK_C=block_c,
     )  # fmt: skip
     _launch(
-        _destination_mean_kernel, (triton.cdiv(num_dst, block_t), triton.cdiv(channels, block_c), batch),
+        _destination_mean_kernel, (_cdiv(num_dst, block_t), _cdiv(channels, block_c), batch),
         x, dst_index, sums, merged, agents, num_dst, channels, num_slots, num_agents or 0, x.stride(0), x.stride(1),
         HAS_AGENTS=has_agents, SCALE=_FIXED_POINT, BLOCK_D=block_t, BLOCK_C=block_c,
     )  # fmt: skip
