@@ -588,14 +588,15 @@ def _launch(fn, grid, *args, **kwargs):
     eager SD 1.5 512px UNet call on an H100 host, which is bound by the host there. A launch whose
     specialization was seen before goes through the compiled kernel's launcher instead (27 us through
     `compiled[grid]`, scripts/results/2026-11-24-h100/launch_cost.md), with tensors passed as their
-    addresses (the launcher then skips a driver query per pointer). The key holds the device and
-    what Triton specializes on: constexprs and options, each tensor's dtype and 16-byte alignment,
-    each int's being 1, a multiple of 16 or beyond 32 bits.
+    addresses (the launcher then skips a driver query per pointer; launch_direct.md). The key holds
+    the device and what Triton specializes on: constexprs and options, each tensor's dtype and
+    16-byte alignment, each int's being 1, a multiple of 16 or beyond 32 bits.
     """
     if INTERPRET or not _DIRECT_LAUNCH:
         fn[grid](*args, **kwargs)
         return
-    values, key = [], [fn, torch._C._cuda_getDevice(), *kwargs.items()]
+    device = torch._C._cuda_getDevice()
+    values, key = [], [fn, device, *kwargs.items()]
     for arg in args:
         if isinstance(arg, torch.Tensor):
             address = arg.data_ptr()
@@ -608,21 +609,20 @@ def _launch(fn, grid, *args, **kwargs):
     launcher = _launchers.get(key)
     if launcher is None:
         compiled = fn[grid](*args, **kwargs)
-        _launchers[key] = _direct_launcher(compiled, [kwargs[name] for name in fn.arg_names[len(args):]])
+        _launchers[key] = _direct_launcher(compiled, device, [kwargs[name] for name in fn.arg_names[len(args):]])
     else:
         launcher((*grid, 1, 1)[:3], values)  # it wants 3 dims
 
 
-def _direct_launcher(compiled, constexprs: list):
-    """launch(grid, args): `compiled[grid](*args, *constexprs)` on the current stream. Where no
-    profiler listens to launches (Triton's launch hooks, e.g. Proton), it calls the launcher itself:
-    Triton's runner would look up the device and stream, build launch metadata and call two empty
-    hook chains at every launch."""
+def _direct_launcher(compiled, device: int, constexprs: list):
+    """launch(grid, args): `compiled[grid](*args, *constexprs)` on the current stream of `device`
+    (the current device). Where no profiler listens to launches (Triton's launch hooks, e.g.
+    Proton), it calls the launcher itself: Triton's runner would look up the device and stream,
+    build launch metadata and call two empty hook chains at every launch."""
 
     def launch(grid, args):
         if _launch_hooks_idle():
-            run(*grid, torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice()), function, metadata,
-                None, None, None, *args, *constexprs)  # fmt: skip
+            run(*grid, torch._C._cuda_getCurrentRawStream(device), function, metadata, None, None, None, *args, *constexprs)
         else:
             compiled[grid](*args, *constexprs)
 
@@ -836,27 +836,49 @@ def merge_mean(x: torch.Tensor, slot, agent_slot, dst_index, is_dst, num_slots: 
     return merged, (agents if has_agents else None)
 
 
-def _compilable(schema: str, launch, fake, outputs: int):
+def _compilable(schema: str, launch, fake, outputs: int, device_at: int = 0):
     """`launch` as it is in eager calls and CUDA graphs; under torch.compile a custom op, which dynamo
     records as one opaque call with `fake`'s output shapes and which runs `launch` at run time
     (dynamo cannot trace Triton's autotuner). The op returns a list: the `outputs` results of
-    `launch` without its trailing Nones, put back here. Eager calls skip the dispatcher's host time."""
+    `launch` without its trailing Nones, put back here. Eager calls skip the dispatcher's host time
+    and run on the device of argument `device_at` (a tensor or a device)."""
     name, _, arguments = schema.partition("(")
+
+    def on_device(*args, **kwargs):
+        return _run_on(_device_index(args[device_at]), launch, args, kwargs)
+
     without_none = lambda fn: lambda *args: [t for t in fn(*args) if t is not None]  # noqa: E731
-    op = torch.library.custom_op(f"agentsd::{name}", without_none(launch), mutates_args=(), schema=f"({arguments}")
+    op = torch.library.custom_op(f"agentsd::{name}", without_none(on_device), mutates_args=(), schema=f"({arguments}")
     op.register_fake(without_none(fake))
     signature = inspect.signature(launch)
 
     @functools.wraps(launch)
     def call(*args, **kwargs):
         if not torch.compiler.is_compiling():
-            return launch(*args, **kwargs)
+            return on_device(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         out = op(*bound.args)
         return (*out, *[None] * (outputs - len(out)))
 
     return call
+
+
+def _run_on(device: int, fn, args: tuple, kwargs: dict):
+    """fn(*args, **kwargs) with CUDA device `device` current (-1: as it is). Triton launches on the
+    current device, not on its tensors' (a pipeline moved to cuda:1 leaves the current device at 0)."""
+    if device < 0 or device == torch._C._cuda_getDevice():
+        return fn(*args, **kwargs)
+    with torch.cuda.device(device):
+        return fn(*args, **kwargs)
+
+
+def _device_index(x) -> int:
+    """The CUDA device index of a tensor or device; -1 for the CPU or the current device ("cuda")."""
+    if isinstance(x, torch.Tensor):
+        return x.get_device()
+    index = torch.device(x).index
+    return -1 if index is None else index
 
 
 def _fake_destinations(height, width, sy, sx, downsample, device, key, seed, timestep):
@@ -881,7 +903,7 @@ def _fake_merge_mean(x, slot, agent_slot, dst_index, is_dst, num_slots, num_agen
 
 destinations = _compilable(
     "destinations(int height, int width, int sy, int sx, int downsample, Device device, int? key, int seed, Tensor? timestep) -> Tensor[]",
-    destinations, _fake_destinations, outputs=3,
+    destinations, _fake_destinations, outputs=3, device_at=5,
 )  # fmt: skip
 best_destination = _compilable(
     "best_destination(Tensor x, Tensor dst_index, int width, int sy, int sx) -> Tensor[]",

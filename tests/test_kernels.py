@@ -217,6 +217,36 @@ def test_launch_reuses_the_compiled_kernel(monkeypatch):
     assert calls[-1][0] == "jit"
 
 
+def test_launchers_run_on_the_device_of_their_tensors(monkeypatch):
+    """Triton launches on the current device: a launcher whose tensors live on another GPU makes
+    theirs current for the launch (and puts the current one back)."""
+    current = [0]
+
+    class DeviceGuard:  # torch.cuda.device
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: current[0], raising=False)
+    monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
+    seen = []
+    probe = lambda x, n=0: seen.append((current[0], x, n)) or "out"  # noqa: E731
+    assert kernels._run_on(1, probe, ("x",), dict(n=3)) == "out"
+    assert seen == [(1, "x", 3)] and current == [0]
+    kernels._run_on(0, probe, ("y",), {})
+    kernels._run_on(-1, probe, ("z",), {})
+    assert seen[1:] == [(0, "y", 0), (0, "z", 0)]
+    assert kernels._device_index(torch.zeros(1)) == -1  # the CPU
+    assert kernels._device_index(torch.device("cuda", 1)) == 1
+    assert kernels._device_index("cuda") == -1  # the current device
+    assert kernels._device_index(torch.device("cpu")) == -1
+
+
 @pytest.mark.skipif(kernels.triton is None or not hasattr(kernels.triton, "knobs"), reason="Triton with knobs")
 def test_launch_hooks_idle_follows_tritons_hook_chains(monkeypatch):
     runtime = kernels.triton.knobs.runtime
