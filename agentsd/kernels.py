@@ -596,6 +596,17 @@ def _launch(fn, grid, *args, **kwargs):
         fn[grid](*args, **kwargs)
         return
     device = torch._C._cuda_getDevice()
+    key, values = _launch_key(fn, device, args, kwargs)
+    launcher = _launchers.get(key)
+    if launcher is None:
+        compiled = fn[grid](*args, **kwargs)
+        _launchers[key] = _direct_launcher(compiled, device, [kwargs[name] for name in fn.arg_names[len(args):]])
+    else:
+        launcher((*grid, 1, 1)[:3], values)  # it wants 3 dims
+
+
+def _launch_key(fn, device: int, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+    """(the specialization key of a launch, its arguments with tensors as their addresses)."""
     values, key = [], [fn, device, *kwargs.items()]
     for arg in args:
         if isinstance(arg, torch.Tensor):
@@ -605,13 +616,7 @@ def _launch(fn, grid, *args, **kwargs):
         else:
             values.append(arg)
             key.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31) if type(arg) is int else type(arg))
-    key = tuple(key)
-    launcher = _launchers.get(key)
-    if launcher is None:
-        compiled = fn[grid](*args, **kwargs)
-        _launchers[key] = _direct_launcher(compiled, device, [kwargs[name] for name in fn.arg_names[len(args):]])
-    else:
-        launcher((*grid, 1, 1)[:3], values)  # it wants 3 dims
+    return tuple(key), values
 
 
 def _direct_launcher(compiled, device: int, constexprs: list):

@@ -43,24 +43,12 @@ def main():
     stream = torch.cuda.current_stream().cuda_stream
     grid2d, idx = bufs[0].view(2, 2048), torch.arange(100, device="cuda")
 
-    def key_only():
-        values, key = [], [_k, torch._C._cuda_getDevice(), *const.items()]
-        for arg in (*bufs, *ints):
-            if isinstance(arg, torch.Tensor):
-                address = arg.data_ptr()
-                values.append(address)
-                key.append((arg.dtype, address % 16 == 0))
-            else:
-                values.append(arg)
-                key.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31) if type(arg) is int else type(arg))
-        return kernels._launchers.get(tuple(key))
-
     pieces = {
         "kernel[grid](...) (JIT)": lambda: _k[(4,)](*bufs, *ints, **const),
         "compiled[grid](*tensors) (before 4aed437)": lambda: compiled[(4, 1, 1)](*bufs, *ints, 1024, 2, True),
         "runner(*tensors) (runner made once)": lambda: runner(*bufs, *ints, 1024, 2, True),
         "kernels._launch (4aed437)": lambda: kernels._launch(_k, (4,), *bufs, *ints, **const),
-        "  its key alone": key_only,
+        "  its key alone": lambda: kernels._launch_key(_k, 0, (*bufs, *ints), const),
         "  _launch_hooks_idle": kernels._launch_hooks_idle,
         "compiled.run(..., addresses) (stream given)": lambda: run(4, 1, 1, stream, function, metadata, None, None, None, *addresses, *ints, 1024, 2, True),
         "compiled.run(..., tensors) (stream given)": lambda: run(4, 1, 1, stream, function, metadata, None, None, None, *bufs, *ints, 1024, 2, True),
