@@ -636,11 +636,15 @@ def _direct_launcher(compiled, device: int, constexprs: list):
     return launch
 
 
+# Triton's runtime settings; before Triton 3.4 launch hooks were class attributes of CompiledKernel
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _launch_hooks_idle() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is None:  # before Triton 3.4 hooks were class attributes of CompiledKernel
+    """Whether no launch hook is set (unknown before Triton 3.4: then not idle)."""
+    if _RUNTIME_KNOBS is None:
         return False
-    hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    hooks = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
     return all(hook is None or not getattr(hook, "calls", True) for hook in hooks)
 
 

@@ -192,7 +192,7 @@ def result_rows(config, mode, ratio, times, errors, speedups=None):
     for name in dict.fromkeys([*times, *errors]):
         row = dict(config=config, mode=mode, variant=name, ratio=ratio)
         row.update(error=errors[name]) if name in errors else row.update(ms=statistics.median(times[name]))
-        if speedups and name in speedups and name not in errors:
+        if name in (speedups or {}) and name not in errors:
             row.update(speedup=speedups[name])
         rows.append(row)
         print(json.dumps(row), flush=True)
