@@ -28,7 +28,7 @@ class AgentSDAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         plan = self.block_merge.plan_of(attn)
-        if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.slot.shape[1]:
+        if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.num_tokens:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         return self.merged_attention(attn, hidden_states, encoder_hidden_states, plan, **kwargs)
 

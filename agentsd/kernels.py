@@ -20,7 +20,9 @@ Under torch.compile each of these four launchers runs as a custom op (`torch.ops
 
 import functools
 import inspect
+import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -50,40 +52,84 @@ if triton is not None:
         return (x >> 16) ^ x
 
     @triton.jit
-    def _destinations_kernel(
-        timestep_ptr, seed, key_value, index_ptr, slot_ptr, is_dst_ptr,
-        height, width, cells_x, num_cells, downsample,
-        SY: tl.constexpr, SX: tl.constexpr, KEY: tl.constexpr, BLOCK: tl.constexpr,
+    def _cell_offset(cell, key, downsample, SY: tl.constexpr, SX: tl.constexpr, KEY: tl.constexpr):
+        """Where in its cell (row-major, < SY * SX) a cell's destination sits: merge.choose_destinations."""
+        if KEY == 0:
+            return cell * 0
+        return (_mix32((_mix32(cell.to(tl.int64) * 16 + downsample) + key) & 0xFFFFFFFF) % (SY * SX)).to(tl.int32)
+
+    @triton.jit
+    def _rest_token(rest, N, W, SY: tl.constexpr, SX: tl.constexpr):
+        """Position of the rest-th token outside the complete cells of an N-token grid W wide: those
+        right of the cells, row by row, then those below them."""
+        cells_x, cells_y = W // SX, N // W // SY
+        right = tl.maximum(W - cells_x * SX, 1)
+        right_count = cells_y * SY * (W - cells_x * SX)
+        right_token = (rest // right) * W + cells_x * SX + rest % right
+        return tl.where(rest < right_count, right_token, cells_y * SY * W + rest - right_count)
+
+    @triton.jit
+    def _prologue_kernel(
+        x_ptr, timestep_ptr, seed, key_value, token_cell_ptr, dst_index_ptr, dst_unit_ptr, score_ptr, best_ptr,
+        sums_ptr, hist_ptr, N, C, W, downsample, sums_width, hist_size, stride_xb, stride_xn, stride_xc,
+        SY: tl.constexpr, SX: tl.constexpr, KEY: tl.constexpr, CELL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_REST: tl.constexpr,
     ):  # fmt: skip
-        """KEY 0: top-left destinations; 1: the key of merge.random_key(seed, timestep), drawn
-        here from the timestep tensor; 2: key_value."""
-        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        if KEY == 1:
-            bits = tl.load(timestep_ptr).to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-            key = _mix32(bits ^ seed)
+        """Everything of a plan that comes before the matching, in one launch (step 1 and setup).
+
+        Programs (i, b) with i below cdiv(D, BLOCK_D), for their cells: the destination pattern
+        (batch row 0: dst_index (D,), and token_cell (N,), a destination's cell or -1), the
+        destinations' rows of x L2-normalised into dst_unit (B, D, C) in x's dtype, score -inf (never
+        merged) and best = its own cell at their positions, and the merge's sums zeroed. The
+        programs after them: token_cell -1 for the tokens outside the complete cells (row 0), and
+        the radix selection's histograms zeroed. KEY 0: top-left destinations; 1: the key of
+        merge.random_key(seed, timestep), drawn here from the timestep tensor; 2: key_value."""
+        b = tl.program_id(1)
+        cells_x = W // SX
+        num_cells = (N // W // SY) * cells_x
+        cell_programs = tl.cdiv(num_cells, BLOCK_D)
+        if tl.program_id(0) < cell_programs:
+            if KEY == 1:
+                bits = tl.load(timestep_ptr).to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+                key = _mix32(bits ^ seed)
+            else:
+                key = key_value
+            cell = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+            ok = cell < num_cells
+            offset = _cell_offset(cell, key, downsample, SY, SX, KEY)
+            cell_row, cell_col = cell // cells_x, cell % cells_x
+            token = (cell_row * SY + offset // SX) * W + cell_col * SX + offset % SX
+            if b == 0:
+                tl.store(dst_index_ptr + cell, token, mask=ok)
+                k = tl.arange(0, CELL)[None, :]
+                in_cell = (cell_row[:, None] * SY + k // SX) * W + cell_col[:, None] * SX + k % SX
+                own = tl.where(k == offset[:, None], cell[:, None], -1)
+                tl.store(token_cell_ptr + in_cell, own, mask=ok[:, None] & (k < SY * SX))
+            tl.store(score_ptr + b * N + token, tl.full([BLOCK_D], float("-inf"), tl.float32), mask=ok)
+            tl.store(best_ptr + b * N + token, cell, mask=ok)
+            rows = x_ptr + b * stride_xb + token * stride_xn
+            squared_norm = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                mask = ok[:, None] & (cols[None, :] < C)
+                v = tl.load(rows[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+                squared_norm += tl.sum(v * v, axis=1)
+            inverse = 1.0 / tl.sqrt(squared_norm)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                mask = ok[:, None] & (cols[None, :] < C)
+                v = tl.load(rows[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32) * inverse[:, None]
+                tl.store(dst_unit_ptr + (b * num_cells + cell[:, None]) * C + cols[None, :], v.to(dst_unit_ptr.dtype.element_ty), mask=mask)
+            sums = sums_ptr + (b * num_cells + cell) * sums_width
+            for c0 in range(0, sums_width, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                tl.store(sums[:, None] + cols[None, :], tl.zeros([BLOCK_D, BLOCK_C], tl.int64), mask=ok[:, None] & (cols[None, :] < sums_width))
         else:
-            key = key_value
-        # As a cell index: where the cell's destination sits.
-        cell = p
-        if KEY == 0:
-            offset = cell * 0
-        else:
-            offset = _mix32((_mix32(cell.to(tl.int64) * 16 + downsample) + key) & 0xFFFFFFFF) % (SY * SX)
-        dst_row = (cell // cells_x) * SY + offset // SX
-        dst_col = (cell % cells_x) * SX + offset % SX
-        tl.store(index_ptr + cell, dst_row * width + dst_col, mask=cell < num_cells)
-        # As a token position: its cell, and whether it is that cell's destination.
-        row, col = p // width, p % width
-        in_cells = (row < (height // SY) * SY) & (col < cells_x * SX)
-        own_cell = (row // SY) * cells_x + col // SX
-        if KEY == 0:
-            own_offset = own_cell * 0
-        else:
-            own_offset = _mix32((_mix32(own_cell.to(tl.int64) * 16 + downsample) + key) & 0xFFFFFFFF) % (SY * SX)
-        is_dst = in_cells & ((row % SY) * SX + col % SX == own_offset)
-        ok = p < height * width
-        tl.store(slot_ptr + p, tl.where(is_dst, own_cell, 0).to(tl.int64), mask=ok)
-        tl.store(is_dst_ptr + p, is_dst, mask=ok)
+            rest = (tl.program_id(0) - cell_programs) * BLOCK_REST + tl.arange(0, BLOCK_REST)
+            if b == 0:
+                token = _rest_token(rest, N, W, SY, SX)
+                tl.store(token_cell_ptr + token, tl.full([BLOCK_REST], -1, tl.int32), mask=rest < N - num_cells * SY * SX)
+            tl.store(hist_ptr + b * hist_size + rest, tl.zeros([BLOCK_REST], tl.int32), mask=rest < hist_size)
 
     @triton.jit
     def _dot_update(dot, x, d, IEEE: tl.constexpr):
@@ -105,11 +151,7 @@ if triton is not None:
         dst_offset = (dst // W - cell_row * SY) * SX + dst % W - cell_col * SX
         offset = k + (k >= dst_offset)
         cell_token = (cell_row * SY + offset // SX) * W + cell_col * SX + offset % SX
-        right = tl.maximum(W - cells_x * SX, 1)
-        right_count = cells_y * SY * (W - cells_x * SX)
-        right_token = (rest // right) * W + cells_x * SX + rest % right
-        below_token = cells_y * SY * W + rest - right_count
-        return tl.where(in_cells, cell_token, tl.where(rest < right_count, right_token, below_token))
+        return tl.where(in_cells, cell_token, _rest_token(rest, N, W, SY, SX))
 
     @triton.jit
     def _keep_best(dot, d0, dsts, D, best_dot, best, EVEN_D: tl.constexpr):
@@ -124,7 +166,7 @@ if triton is not None:
     def _store_best(score, best, score_ptr, best_ptr, b, N, tokens, row_ok):
         """Cosine score and index of each source's best destination, at its token position."""
         tl.store(score_ptr + b * N + tokens, score, mask=row_ok)
-        tl.store(best_ptr + b * N + tokens, best.to(tl.int64), mask=row_ok)
+        tl.store(best_ptr + b * N + tokens, best, mask=row_ok)
 
     def _matching_configs(*configs):
         """Autotuning candidates (BLOCK_M, BLOCK_D, num_warps, num_stages[, SHARED_ROWS]); one small
@@ -348,10 +390,10 @@ if triton is not None:
         return (prefix << _pass_bits(PASS)) | chosen, remaining - tl.sum(tl.where(bins == chosen, above, 0), 0)
 
     @triton.jit
-    def _selection_keys(score_ptr, is_dst_ptr, b, p, ok, N):
-        """Order keys of tokens p and which of them are sources."""
-        source = ok & (tl.load(is_dst_ptr + p, mask=ok, other=1) == 0)
-        return _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0)), source
+    def _selection_keys(score_ptr, token_cell_ptr, b, p, ok, N):
+        """Order keys of tokens p, which of them are sources, and the cell of those that are not."""
+        cell = tl.load(token_cell_ptr + p, mask=ok, other=0)
+        return _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0)), ok & (cell < 0), cell
 
     @triton.jit
     def _slots(key, source, best, own_slot, threshold, equal_wanted, equal_before, below_before, D):
@@ -368,7 +410,7 @@ if triton is not None:
 
     @triton.jit
     def _one_program_slots_kernel(
-        score_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, slot_ptr, agent_slot_ptr, N, D, num_merged, num_agent_merged,
+        score_ptr, best_ptr, token_cell_ptr, slot_ptr, agent_slot_ptr, N, D, num_merged, num_agent_merged,
         HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         """The selection and slots of one batch row in one program, all N (< 2**15) keys in registers.
@@ -381,7 +423,7 @@ if triton is not None:
         b = tl.program_id(0)
         p = tl.arange(0, BLOCK)
         ok = p < N
-        key, source = _selection_keys(score_ptr, is_dst_ptr, b, p, ok, N)
+        key, source, own_slot = _selection_keys(score_ptr, token_cell_ptr, b, p, ok, N)
         key = tl.where(ok, key, -1)  # padding reaches no threshold
         merged_key = tl.zeros([], dtype=tl.int64)
         agent_key = tl.zeros([], dtype=tl.int64)
@@ -392,7 +434,6 @@ if triton is not None:
             agent_key = tl.where((reaching >> 16) >= num_agent_merged, agent_try, agent_key)
         above = tl.sum((key > merged_key).to(tl.int32) + ((key > agent_key).to(tl.int32) << 16), 0)
         best = tl.load(best_ptr + b * N + p, mask=ok, other=0)
-        own_slot = tl.load(dst_slot_ptr + p, mask=ok, other=0)
         slot = _slots(key, source, best, own_slot, merged_key, num_merged - (above & 0xFFFF), 0, 0, D)
         tl.store(slot_ptr + b * N + p, slot, mask=ok)
         if HAS_AGENTS:
@@ -441,12 +482,12 @@ if triton is not None:
 
     @triton.jit
     def _below_counts_kernel(
-        score_ptr, is_dst_ptr, threshold_ptr, counts_ptr, N, HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
+        score_ptr, token_cell_ptr, threshold_ptr, counts_ptr, N, HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         """Per target and block of tokens: the sources equal to the threshold key and below it."""
         b = tl.program_id(1)
         p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        key, source = _selection_keys(score_ptr, is_dst_ptr, b, p, p < N, N)
+        key, source, _ = _selection_keys(score_ptr, token_cell_ptr, b, p, p < N, N)
         for target in tl.static_range(1 + HAS_AGENTS):
             threshold = tl.load(threshold_ptr + (b * 2 + target) * 2)
             out = counts_ptr + ((b * 2 + target) * tl.num_programs(0) + tl.program_id(0)) * 2
@@ -455,7 +496,7 @@ if triton is not None:
 
     @triton.jit
     def _slots_kernel(
-        score_ptr, best_ptr, is_dst_ptr, dst_slot_ptr, threshold_ptr, counts_ptr, slot_ptr, agent_slot_ptr, N, D,
+        score_ptr, best_ptr, token_cell_ptr, threshold_ptr, counts_ptr, slot_ptr, agent_slot_ptr, N, D,
         HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
     ):  # fmt: skip
         """_slots for a block of tokens, after the counts of the earlier blocks."""
@@ -463,8 +504,7 @@ if triton is not None:
         p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = p < N
         best = tl.load(best_ptr + b * N + p, mask=ok, other=0)
-        own_slot = tl.load(dst_slot_ptr + p, mask=ok, other=0)
-        key, source = _selection_keys(score_ptr, is_dst_ptr, b, p, ok, N)
+        key, source, own_slot = _selection_keys(score_ptr, token_cell_ptr, b, p, ok, N)
         earlier = tl.arange(0, MAX_PROGRAMS)
         before = earlier < tl.program_id(0)
         for target in tl.static_range(1 + HAS_AGENTS):
@@ -476,54 +516,26 @@ if triton is not None:
             tl.store((slot_ptr if target == 0 else agent_slot_ptr) + b * N + p, slot, mask=ok)
 
     @triton.jit
-    def _unit_destinations_kernel(
-        x_ptr, index_ptr, out_ptr, score_ptr, best_ptr, N, D, C, stride_xb, stride_xn, stride_xc,
-        BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        """out (B, D, C) = the destination rows of x, L2-normalised (in float32, stored in x's dtype);
-        at the destinations' positions, score -inf (never merged) and best = their own cell."""
-        b = tl.program_id(1)
-        d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-        ok = d < D
-        token = tl.load(index_ptr + d, mask=ok, other=0)
-        tl.store(score_ptr + b * N + token, tl.full([BLOCK_D], float("-inf"), tl.float32), mask=ok)
-        tl.store(best_ptr + b * N + token, d.to(tl.int64), mask=ok)
-        rows = x_ptr + b * stride_xb + token * stride_xn
-        squared_norm = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = ok[:, None] & (cols[None, :] < C)
-            v = tl.load(rows[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
-            squared_norm += tl.sum(v * v, axis=1)
-        inverse = 1.0 / tl.sqrt(squared_norm)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = ok[:, None] & (cols[None, :] < C)
-            v = tl.load(rows[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32) * inverse[:, None]
-            tl.store(out_ptr + (b * D + d[:, None]) * C + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def _scatter_kernel(
-        x_ptr, slot_ptr, agent_slot_ptr, is_dst_ptr, merged_ptr, agents_ptr, sums_ptr,
-        N, C, D, num_slots, num_agents, stride_xb, stride_xn,
+        x_ptr, slot_ptr, agent_slot_ptr, token_cell_ptr, merged_ptr, agents_ptr, sums_ptr,
+        N, C, D, num_slots, num_agents, sums_width, stride_xb, stride_xn,
         HAS_AGENTS: tl.constexpr, SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         """Unmerged sources are copied to their slot; merged sources are added into sums (B, D, W):
         per destination [sum (C), count] of the first plan, then [sum (C), count] of the sources only
-        the agents merge."""
+        the agents merge (rows sums_width wide: the plan's, whether or not this merge forms agents)."""
         b = tl.program_id(2)
         tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = tokens < N
         col_ok = cols < C
-        width = (C + 1) * (1 + HAS_AGENTS)
-        source = ok & (tl.load(is_dst_ptr + tokens, mask=ok, other=1) == 0)
+        source = ok & (tl.load(token_cell_ptr + tokens, mask=ok, other=0) < 0)
         slot = tl.load(slot_ptr + b * N + tokens, mask=ok, other=0)
         x = tl.load(x_ptr + b * stride_xb + tokens[:, None] * stride_xn + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
         fixed = (x.to(tl.float32) * SCALE).to(tl.int64)
 
         joins = source & (slot < D)
-        sums = sums_ptr + (b * D + slot) * width
+        sums = sums_ptr + (b * D + slot) * sums_width
         tl.atomic_add(sums[:, None] + cols[None, :], fixed, mask=joins[:, None] & col_ok[None, :], sem="relaxed")
         if tl.program_id(1) == 0:
             tl.atomic_add(sums + C, tl.full([BLOCK_T], 1, tl.int64), mask=joins, sem="relaxed")
@@ -532,7 +544,7 @@ if triton is not None:
         if HAS_AGENTS:
             agent_slot = tl.load(agent_slot_ptr + b * N + tokens, mask=ok, other=0)
             only_agents = stays & (agent_slot < D)
-            agent_sums = sums_ptr + (b * D + agent_slot) * width + C + 1
+            agent_sums = sums_ptr + (b * D + agent_slot) * sums_width + C + 1
             tl.atomic_add(agent_sums[:, None] + cols[None, :], fixed, mask=only_agents[:, None] & col_ok[None, :], sem="relaxed")
             if tl.program_id(1) == 0:
                 tl.atomic_add(agent_sums + C, tl.full([BLOCK_T], 1, tl.int64), mask=only_agents, sem="relaxed")
@@ -542,29 +554,50 @@ if triton is not None:
     @triton.jit
     def _destination_mean_kernel(
         x_ptr, index_ptr, sums_ptr, merged_ptr, agents_ptr,
-        D, C, num_slots, num_agents, stride_xb, stride_xn,
+        D, C, num_slots, num_agents, sums_width, stride_xb, stride_xn,
         HAS_AGENTS: tl.constexpr, SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        """Each destination slot: (own value + sum of its merged sources) / (1 + their count)."""
-        b = tl.program_id(2)
+        """Each destination slot: (own value + sum of its merged sources) / (1 + their count). Each
+        program reads its destinations' sums once and leaves them zero for the plan's next merge
+        (cross-attention, feed-forward)."""
+        b = tl.program_id(1)
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = d < D
-        mask = ok[:, None] & (cols[None, :] < C)
-        width = (C + 1) * (1 + HAS_AGENTS)
         token = tl.load(index_ptr + d, mask=ok, other=0)
-        own = tl.load(x_ptr + b * stride_xb + token[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
-        sums = sums_ptr + (b * D + d) * width
-        total = (own.to(tl.float32) * SCALE).to(tl.int64) + tl.load(sums[:, None] + cols[None, :], mask=mask, other=0)
+        sums = sums_ptr + (b * D + d) * sums_width
         count = 1 + tl.load(sums + C, mask=ok, other=0)
-        mean = total.to(tl.float32) * (1.0 / SCALE) / count[:, None].to(tl.float32)
-        tl.store(merged_ptr + (b * num_slots + d[:, None]) * C + cols[None, :], mean.to(merged_ptr.dtype.element_ty), mask=mask)
+        tl.store(sums + C, tl.zeros([BLOCK_D], tl.int64), mask=ok)
         if HAS_AGENTS:
-            total += tl.load(sums[:, None] + (C + 1) + cols[None, :], mask=mask, other=0)
-            count += tl.load(sums + 2 * C + 1, mask=ok, other=0)
+            agent_count = count + tl.load(sums + 2 * C + 1, mask=ok, other=0)
+            tl.store(sums + 2 * C + 1, tl.zeros([BLOCK_D], tl.int64), mask=ok)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = ok[:, None] & (cols[None, :] < C)
+            at = sums[:, None] + cols[None, :]
+            own = tl.load(x_ptr + b * stride_xb + token[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
+            total = (own.to(tl.float32) * SCALE).to(tl.int64) + tl.load(at, mask=mask, other=0)
+            tl.store(at, tl.zeros([BLOCK_D, BLOCK_C], tl.int64), mask=mask)
             mean = total.to(tl.float32) * (1.0 / SCALE) / count[:, None].to(tl.float32)
-            tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
+            tl.store(merged_ptr + (b * num_slots + d[:, None]) * C + cols[None, :], mean.to(merged_ptr.dtype.element_ty), mask=mask)
+            if HAS_AGENTS:
+                total += tl.load(at + C + 1, mask=mask, other=0)
+                tl.store(at + C + 1, tl.zeros([BLOCK_D, BLOCK_C], tl.int64), mask=mask)
+                mean = total.to(tl.float32) * (1.0 / SCALE) / agent_count[:, None].to(tl.float32)
+                tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _unmerge_kernel(
+        y_ptr, slot_ptr, out_ptr, N, C, stride_yb, stride_ys, stride_yc, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """out (B, N, C): every token the row of its slot in y (B, S, C)."""
+        b = tl.program_id(2)
+        tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = tokens < N
+        mask = ok[:, None] & (cols[None, :] < C)
+        slot = tl.load(slot_ptr + b * N + tokens, mask=ok, other=0)
+        v = tl.load(y_ptr + b * stride_yb + slot[:, None] * stride_ys + cols[None, :] * stride_yc, mask=mask)
+        tl.store(out_ptr + (b * N + tokens[:, None]) * C + cols[None, :], v, mask=mask)
 
 # triton.cdiv and triton.next_power_of_2 are constexpr functions: ~1 us of host time per call
 def _cdiv(a: int, b: int) -> int:
@@ -575,10 +608,336 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+class PlanShape(NamedTuple):
+    """What a block's plan is made for: the metric (B, N, C) on a grid `width` tokens wide, one
+    destination per sy x sx cell, t (and t_a for the agents) merged."""
+
+    batch: int
+    num_tokens: int
+    channels: int
+    dtype: torch.dtype  # of the metric
+    width: int
+    sy: int
+    sx: int
+    num_merged: int
+    num_agent_merged: int | None
+
+    @property
+    def num_dst(self) -> int:
+        return (self.num_tokens // self.width // self.sy) * (self.width // self.sx)
+
+
+class Plan(NamedTuple):
+    """A block's merge plan as the kernels keep it: all its parts in one workspace (_layout), so
+    that a plan costs one allocation."""
+
+    workspace: torch.Tensor  # uint8
+    shape: PlanShape
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape.num_tokens
+
+    @property
+    def num_merged(self) -> int:
+        return self.shape.num_merged
+
+    @property
+    def num_agent_merged(self) -> int | None:
+        return self.shape.num_agent_merged
+
+    @property
+    def num_slots(self) -> int:
+        return self.shape.num_tokens - self.shape.num_merged
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The parts as tensors, by name (token_cell: a destination's cell or -1; dst_index, score,
+        best, slot, agent_slot, dst_unit, sums, ...)."""
+        return _views(self.workspace, _layout(self.shape, self.workspace.device))
+
+
+class Layout(NamedTuple):
+    """Where the parts of a plan lie in its workspace, and how the matching and selection run."""
+
+    parts: dict  # name -> (byte offset, dtype, shape)
+    size: int  # bytes
+    resident: tuple[int, int, int] | None  # _resident_split: the resident matching kernel, else the looped one
+    splits: int  # the looped matching's destination splits
+    d_per_split: int
+    radix_programs: int  # 0: the one-program selection
+
+
+_RADIX_BLOCK = 1024 if not INTERPRET else 64  # tokens per program of the radix selection
+_HISTOGRAM = 5 * 2048 + 3  # per batch row: the radix passes' histograms, then their done counters
+
+
+@functools.cache
+def _layout(shape: PlanShape, device: torch.device) -> Layout:
+    batch, n_tokens, num_dst, channels = shape.batch, shape.num_tokens, shape.num_dst, shape.channels
+    has_agents = shape.num_agent_merged is not None
+    parts = {
+        "token_cell": (torch.int32, (n_tokens,)),
+        "dst_index": (torch.int32, (num_dst,)),
+        "score": (torch.float32, (batch, n_tokens)),
+        "best": (torch.int32, (batch, n_tokens)),
+        "slot": (torch.int32, (batch, n_tokens)),
+        "dst_unit": (shape.dtype, (batch, num_dst, channels)),
+        "sums": (torch.int64, (batch, num_dst, (channels + 1) * (1 + has_agents))),
+    }
+    if has_agents:
+        parts["agent_slot"] = (torch.int32, (batch, n_tokens))
+    resident = _resident_split(channels, shape.dtype, device)
+    splits, d_per_split = 1, num_dst
+    if resident is None:
+        d_per_split = _cdiv(_cdiv(num_dst, _destination_splits(batch, n_tokens, num_dst, device)), SPLIT_ALIGN) * SPLIT_ALIGN
+        splits = _cdiv(num_dst, d_per_split)
+    if splits > 1:  # each split writes its part; one more launch combines them
+        parts["part_score"] = (torch.float32, (splits, batch, n_tokens))
+        parts["part_best"] = (torch.int32, (splits, batch, n_tokens))
+    radix_programs = 0 if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1) else _cdiv(n_tokens, _RADIX_BLOCK)
+    if radix_programs:
+        parts["histogram"] = (torch.int32, (batch, _HISTOGRAM))
+        parts["threshold"] = (torch.int64, (batch, 2, 2))
+        parts["below"] = (torch.int32, (batch, 2, radix_programs, 2))
+    placed, size = {}, 0
+    for name, (dtype, part_shape) in parts.items():
+        placed[name] = (size, dtype, part_shape)
+        size += _cdiv(math.prod(part_shape) * dtype.itemsize, 128) * 128
+    return Layout(placed, size, resident, splits, d_per_split, radix_programs)
+
+
+def _views(workspace: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    return {
+        name: workspace[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, (offset, dtype, shape) in layout.parts.items()
+    }
+
+
+def plan(x, width: int, sy: int, sx: int, downsample: int, num_merged: int, num_agent_merged: int | None,
+         key: int | None = None, seed: int = 0, timestep: torch.Tensor | None = None) -> Plan:  # fmt: skip
+    """Steps 1-4 for a block whose metric is x (B, N, C) on a grid `width` tokens wide (see
+    merge.plan_block): destinations random from an int `key`, or from the key of (seed, timestep)
+    with a timestep tensor, else top-left."""
+    (workspace,) = _plan(x, width, sy, sx, downsample, key, seed, timestep, num_merged, num_agent_merged)
+    return Plan(workspace, PlanShape(*x.shape, x.dtype, width, sy, sx, num_merged, num_agent_merged))
+
+
+def merge(x: torch.Tensor, plan: Plan, with_agents: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x (B, N, C) -> the merged sequence (B, N - t, C) and, with_agents, the agents (B, N - t_a, C)."""
+    return _merge(x, plan.workspace, *plan.shape[1:], with_agents)
+
+
+def unmerge(y: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """y (B, N - t, C') -> (B, N, C'): every token the row of its slot."""
+    return _unmerge(y, plan.workspace, *plan.shape[1:])[0]
+
+
+def _plan(x, width, sy, sx, downsample, key, seed, timestep, num_merged, num_agent_merged):
+    shape = PlanShape(*x.shape, x.dtype, width, sy, sx, num_merged, num_agent_merged)
+    layout = _layout(shape, x.device)
+    workspace = torch.empty(layout.size, dtype=torch.uint8, device=x.device)
+    mode = 2 if key is not None else 1 if timestep is not None else 0
+    bases = (x, workspace) if mode != 1 else (x, workspace, timestep)
+    recipe = ("plan", shape, x.stride(), x.data_ptr() % 16 == 0, x.get_device(), downsample, seed)
+    if mode == 1:
+        recipe += (timestep.dtype, timestep.data_ptr() % 16 == 0)
+    elif mode == 2:
+        recipe = None  # the key is an argument, and changes from call to call
+    if layout.resident is None and x.stride(-1) != 1:
+        x, recipe = x.contiguous(), None  # the looped matching reads its rows again for every destination tile
+    _run(recipe, bases, lambda: _plan_launches(x, workspace, shape, layout, downsample, mode, key, seed, timestep))
+    return (workspace,)
+
+
+def _plan_launches(x, workspace, shape: PlanShape, layout: Layout, downsample, mode, key, seed, timestep):
+    parts = _views(workspace, layout)
+    batch, n_tokens, channels = x.shape
+    cell, sums, histogram = parts["token_cell"], parts["sums"], parts.get("histogram")
+    rest = max(n_tokens - shape.num_dst * shape.sy * shape.sx, 0 if histogram is None else _HISTOGRAM)
+    block_rest = 1024 if not INTERPRET else 64
+    _launch(
+        _prologue_kernel, (_cdiv(shape.num_dst, 32) + _cdiv(rest, block_rest), batch),
+        x, timestep if mode == 1 else cell, seed & 0xFFFFFFFF, key if mode == 2 else 0,
+        cell, parts["dst_index"], parts["dst_unit"], parts["score"], parts["best"], sums,
+        cell if histogram is None else histogram, n_tokens, channels, shape.width, downsample, sums.shape[-1],
+        0 if histogram is None else _HISTOGRAM, *x.stride(),
+        SY=shape.sy, SX=shape.sx, KEY=mode, CELL=_next_power_of_2(shape.sy * shape.sx),
+        BLOCK_D=32, BLOCK_C=min(64, max(16, _next_power_of_2(channels))), BLOCK_REST=block_rest,
+    )  # fmt: skip
+    _matching(x, parts, shape, layout)
+    _selection(parts, shape, layout)
+
+
+def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> None:
+    """score and best of every source (step 2): its cosine similarity to its best destination."""
+    batch, n_tokens, channels = x.shape
+    num_dst, dst_unit = shape.num_dst, parts["dst_unit"]
+    dst_strides = (dst_unit.stride(0), dst_unit.stride(1))
+    flags = dict(SY=shape.sy, SX=shape.sx, IEEE=x.dtype == torch.float32)
+    if layout.resident is not None:  # SD 1.x block inputs come channels-last (stride(-1) = N): read them in place
+        c_a, c_b, c_rest = layout.resident
+        grid = lambda meta: (_cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
+        args = (x, dst_unit, parts["dst_index"], parts["score"], parts["best"], n_tokens, num_dst)
+        _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, shape.width, *x.stride(),
+                         *dst_strides, **flags, C_A=c_a, C_B=c_b, C_REST=c_rest)  # fmt: skip
+        return
+    splits = layout.splits
+    score, best = (parts["part_score"], parts["part_best"]) if splits > 1 else (parts["score"], parts["best"])
+    grid = lambda meta: (_cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch, splits)  # noqa: E731
+    args = (x, dst_unit, parts["dst_index"], score, best, n_tokens, num_dst)
+    _launch_matching(_best_destination_kernel, grid, x, num_dst, *args, channels, shape.width, *x.stride()[:2],
+                     *dst_strides, layout.d_per_split, **flags, BLOCK_C=min(64, max(16, _next_power_of_2(channels))))  # fmt: skip
+    if splits > 1:
+        block = 1024 if not INTERPRET else 64
+        _launch(
+            _combine_splits_kernel, (_cdiv(n_tokens - num_dst, block), batch),
+            score, best, parts["dst_index"], parts["score"], parts["best"], n_tokens, num_dst, shape.width, splits,
+            SY=shape.sy, SX=shape.sx, BLOCK=block,
+        )  # fmt: skip
+
+
+def _selection(parts: dict, shape: PlanShape, layout: Layout) -> None:
+    """slot and agent_slot of every token (steps 3-4): the t best-scoring sources join their best
+    destination (see merge.assign_slots)."""
+    score, best, cell, slot = parts["score"], parts["best"], parts["token_cell"], parts["slot"]
+    batch, n_tokens = score.shape
+    has_agents = shape.num_agent_merged is not None
+    agent_slot = parts.get("agent_slot", slot)
+    counts = (shape.num_merged, shape.num_agent_merged or 0)
+    if not layout.radix_programs:
+        _launch(
+            _one_program_slots_kernel, (batch,),
+            score, best, cell, slot, agent_slot, n_tokens, shape.num_dst, *counts,
+            HAS_AGENTS=has_agents, BLOCK=_next_power_of_2(n_tokens), num_warps=8,
+        )  # fmt: skip
+        return
+    programs, threshold, below = layout.radix_programs, parts["threshold"], parts["below"]
+    hist, done = parts["histogram"].view(-1).split([batch * 5 * 2048, batch * 3])
+    for radix_pass in range(3):
+        _launch(
+            _histogram_kernel, (programs, batch),
+            score, hist, done, threshold, n_tokens, *counts, PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=_RADIX_BLOCK,
+        )  # fmt: skip
+    _launch(_below_counts_kernel, (programs, batch), score, cell, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=_RADIX_BLOCK)
+    _launch(
+        _slots_kernel, (programs, batch),
+        score, best, cell, threshold, below, slot, agent_slot, n_tokens, shape.num_dst,
+        HAS_AGENTS=has_agents, BLOCK=_RADIX_BLOCK, MAX_PROGRAMS=_next_power_of_2(programs),
+    )  # fmt: skip
+
+
+# 2**24 steps per unit: fp16's largest value summed over 65536 tokens stays inside int64 (7e16 < 9e18)
+_FIXED_POINT = float(2**24)
+
+
+def _merge(x, workspace, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged, with_agents):
+    """The merged sequence and the agents (or None) in one pass over x: each slot the mean of its
+    tokens, deterministic. Destinations hold slots 0..D-1 in both plans."""
+    shape = PlanShape(x.shape[0], num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged)
+    if x.shape[1:] != (num_tokens, channels):
+        raise ValueError(f"merge: x of shape {tuple(x.shape)} does not fit a plan of {num_tokens} tokens x {channels} channels")
+    layout = _layout(shape, x.device)
+    batch = x.shape[0]
+    num_slots = num_tokens - num_merged
+    num_agents = num_tokens - num_agent_merged if with_agents else None
+    merged = torch.empty(batch, num_slots, channels, device=x.device, dtype=x.dtype)
+    agents = torch.empty(batch, num_agents, channels, device=x.device, dtype=x.dtype) if with_agents else merged
+    recipe = ("merge", shape, with_agents, x.stride(), x.dtype, x.data_ptr() % 16 == 0, x.get_device())
+    if x.stride(-1) != 1:
+        x, recipe = x.contiguous(), None
+    _run(recipe, (x, workspace, merged, agents), lambda: _merge_launches(x, workspace, shape, layout, merged, agents, with_agents))
+    return merged, (agents if with_agents else None)
+
+
+def _merge_launches(x, workspace, shape: PlanShape, layout: Layout, merged, agents, with_agents: bool):
+    parts = _views(workspace, layout)
+    batch, n_tokens, channels = x.shape
+    sums, num_dst = parts["sums"], shape.num_dst
+    slot = parts["slot"]
+    block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
+    _launch(
+        _scatter_kernel, (_cdiv(n_tokens, block_t), _cdiv(channels, block_c), batch),
+        x, slot, parts["agent_slot"] if with_agents else slot, parts["token_cell"], merged, agents, sums,
+        n_tokens, channels, num_dst, merged.shape[1], agents.shape[1], sums.shape[-1], x.stride(0), x.stride(1),
+        HAS_AGENTS=with_agents, SCALE=_FIXED_POINT, BLOCK_T=block_t, BLOCK_C=block_c,
+    )  # fmt: skip
+    block_d = 16
+    _launch(
+        _destination_mean_kernel, (_cdiv(num_dst, block_d), batch),
+        x, parts["dst_index"], sums, merged, agents, num_dst, channels, merged.shape[1], agents.shape[1], sums.shape[-1],
+        x.stride(0), x.stride(1), HAS_AGENTS=with_agents, SCALE=_FIXED_POINT, BLOCK_D=block_d, BLOCK_C=block_c,
+    )  # fmt: skip
+
+
+def _unmerge(y, workspace, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged):
+    shape = PlanShape(y.shape[0], num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged)
+    layout = _layout(shape, y.device)
+    batch, _, out_channels = y.shape
+    out = torch.empty(batch, num_tokens, out_channels, device=y.device, dtype=y.dtype)
+    block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
+
+    def launches():
+        offset, slot_dtype, slot_shape = layout.parts["slot"]
+        slot = workspace[offset : offset + math.prod(slot_shape) * 4].view(slot_dtype)
+        _launch(
+            _unmerge_kernel, (_cdiv(num_tokens, block_t), _cdiv(out_channels, block_c), batch),
+            y, slot, out, num_tokens, out_channels, *y.stride(), BLOCK_T=block_t, BLOCK_C=block_c,
+        )  # fmt: skip
+
+    _run(("unmerge", shape, y.shape, y.stride(), y.dtype, y.data_ptr() % 16 == 0, y.get_device()), (y, workspace, out), launches)
+    return (out,)
+
+
 _launchers = {}  # specialization key (_launch) -> launch(grid, args) through Triton's compiled kernel
 # From Triton 3.3 on, a compiled kernel's launcher takes the constexprs too (3.0-3.2 drop them from
 # its arguments): _launch calls it that way only there.
 _DIRECT_LAUNCH = triton is not None and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 3)
+_recipes = {}  # (phase, what its launches depend on) -> the launches it recorded (_run)
+_recording = None  # while a phase records its launches: the list they go to
+
+
+def _run(recipe, bases: tuple, launches) -> None:
+    """launches(): the kernels of one phase (plan, merge, unmerge) on tensors that all lie inside
+    `bases`. The first run under a `recipe` key records each launch with its tensors as (base,
+    offset); later runs replay those launches with the bases' addresses of now, without binding
+    arguments or making views (one phase of an eager block at 512px is bound by the host). The key
+    holds everything else the launches depend on; None: run without recording."""
+    global _recording
+    steps = _recipes.get(recipe)
+    if steps is not None:
+        addresses = [t.data_ptr() for t in bases]
+        for launcher, grid, values, tensors in steps:
+            values = values.copy()
+            for position, base, offset in tensors:
+                values[position] = addresses[base] + offset
+            launcher(grid, values)
+        return
+    if recipe is None or INTERPRET or not _DIRECT_LAUNCH:
+        launches()
+        return
+    _recording = []
+    try:
+        launches()
+        recorded = _recording
+    finally:
+        _recording = None
+    _recipes[recipe] = _as_steps(recorded, bases)
+
+
+def _as_steps(recorded: list, bases: tuple) -> list:
+    """Recorded launches with each tensor address as (index of the base it lies in, offset)."""
+    spans = [(t.data_ptr(), t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()) for t in bases]
+    steps = []
+    for launcher, grid, values, positions in recorded:
+        tensors = []
+        for position in positions:
+            address = values[position]
+            base = next((i for i, (start, size) in enumerate(spans) if start <= address < start + max(size, 1)), None)
+            if base is None:
+                raise RuntimeError("agentsd: a kernel of a recorded phase reads a tensor outside its bases")
+            tensors.append((position, base, address - spans[base][0]))
+        steps.append((launcher, grid, values, tensors))
+    return steps
 
 
 def _launch(fn, grid, *args, **kwargs):
@@ -590,7 +949,8 @@ def _launch(fn, grid, *args, **kwargs):
     `compiled[grid]`, scripts/results/2026-11-24-h100/launch_cost.md), with tensors passed as their
     addresses (the launcher then skips a driver query per pointer; launch_direct.md). The key holds
     the device and what Triton specializes on: constexprs and options, each tensor's dtype and
-    16-byte alignment, each int's being 1, a multiple of 16 or beyond 32 bits.
+    16-byte alignment, each int's being 1, a multiple of 16 or beyond 32 bits. While a phase records
+    (_run), each launch goes to its list.
     """
     if INTERPRET or not _DIRECT_LAUNCH:
         fn[grid](*args, **kwargs)
@@ -598,11 +958,14 @@ def _launch(fn, grid, *args, **kwargs):
     device = torch._C._cuda_getDevice()
     key, values = _launch_key(fn, device, args, kwargs)
     launcher = _launchers.get(key)
+    grid3 = (*grid, 1, 1)[:3]  # the launcher wants 3 dims
     if launcher is None:
         compiled = fn[grid](*args, **kwargs)
-        _launchers[key] = _direct_launcher(compiled, device, [kwargs[name] for name in fn.arg_names[len(args):]])
+        launcher = _launchers[key] = _direct_launcher(compiled, device, [kwargs[name] for name in fn.arg_names[len(args):]])
     else:
-        launcher((*grid, 1, 1)[:3], values)  # it wants 3 dims
+        launcher(grid3, values)
+    if _recording is not None:
+        _recording.append((launcher, grid3, values, [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]))
 
 
 def _launch_key(fn, device: int, args: tuple, kwargs: dict) -> tuple[tuple, list]:
@@ -648,38 +1011,19 @@ def _launch_hooks_idle() -> bool:
     return all(hook is None or not getattr(hook, "calls", True) for hook in hooks)
 
 
-def destinations(height: int, width: int, sy: int, sx: int, downsample: int, device, key=None, seed=0, timestep=None):
-    """(index (D,), slot (N,), is_dst (N,)) as merge.choose_destinations computes them: random from
-    an int `key`, or from the key of (seed, timestep) with a timestep tensor; else top-left."""
-    cells_x, num_cells = width // sx, (height // sy) * (width // sx)
-    num_tokens = height * width
-    index = torch.empty(num_cells, dtype=torch.int64, device=device)
-    slot = torch.empty(num_tokens, dtype=torch.int64, device=device)
-    is_dst = torch.empty(num_tokens, dtype=torch.bool, device=device)
-    mode = 2 if key is not None else 1 if timestep is not None else 0
-    block = 1024 if not INTERPRET else 64
-    _launch(
-        _destinations_kernel, (_cdiv(num_tokens, block),),
-        timestep if mode == 1 else index, seed & 0xFFFFFFFF, key if mode == 2 else 0, index, slot, is_dst,
-        height, width, cells_x, num_cells, downsample, SY=sy, SX=sx, KEY=mode, BLOCK=block,
-    )  # fmt: skip
-    return index, slot, is_dst
-
-
-def _resident_split(x: torch.Tensor) -> tuple[int, int, int] | None:
+def _resident_split(channels: int, dtype: torch.dtype, device) -> tuple[int, int, int] | None:
     """(C_A, C_B, C_REST) for the resident kernel: powers of two up to 128 (C_B and C_REST may be 0)
     that sum to the channels, when a program's rows fit in registers and its smallest candidate's
     destination tiles in shared memory; else None."""
-    channels = x.shape[-1]
     # 16 rows per warp in every candidate: a thread holds C/4 registers of fp16 rows (80 at 320)
-    if x.element_size() * channels > 768:
+    if dtype.itemsize * channels > 768:
         return None
     main = 1 << (channels.bit_length() - 1)
     rest = channels - main
     if main < 16 or (rest and (rest < 16 or rest & (rest - 1))):
         return None  # tl.dot wants tiles of at least 16
     # two stages of 64 destinations: 80 KB at 320 channels in fp16 (H100 227 KB, consumer GPUs ~100)
-    if not INTERPRET and x.element_size() * channels * 2 * 64 > _shared_memory(x.device):
+    if not INTERPRET and dtype.itemsize * channels * 2 * 64 > _shared_memory(device):
         return None
     first = min(main, 128)  # an identity of 128 x 128 (_rows) takes 32 KB
     return first, main - first, rest
@@ -695,52 +1039,6 @@ def _shared_memory(device: torch.device) -> int:
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def best_destination(x: torch.Tensor, dst_index: torch.Tensor, width: int, sy: int, sx: int):
-    """x (B, N, C) on a grid `width` tokens wide, destination positions (D,) of its sy x sx cells ->
-    cosine score and index of the best destination, (B, N) float32 and int64. Only the sources are
-    matched; at a destination the score is -inf and the index its own cell."""
-    batch, n_tokens, channels = x.shape
-    split = _resident_split(x)
-    if split is None and x.stride(-1) != 1:  # the looped kernel reads its rows again for every destination tile
-        x = x.contiguous()
-    num_dst = dst_index.numel()
-    block_c = min(64, max(16, _next_power_of_2(channels)))
-    score = torch.empty(batch, n_tokens, device=x.device, dtype=torch.float32)
-    best = torch.empty(batch, n_tokens, device=x.device, dtype=torch.int64)
-    dst_unit = torch.empty(batch, num_dst, channels, device=x.device, dtype=x.dtype)
-    _launch(
-        _unit_destinations_kernel, (_cdiv(num_dst, 32), batch),
-        x, dst_index, dst_unit, score, best, n_tokens, num_dst, channels, *x.stride(), BLOCK_D=32, BLOCK_C=block_c,
-    )  # fmt: skip
-    dst_strides = (dst_unit.stride(0), dst_unit.stride(1))
-    flags = dict(SY=sy, SX=sx, IEEE=x.dtype == torch.float32)
-    if split is not None:  # SD 1.x block inputs come channels-last (stride(-1) = N): read them in place
-        grid = lambda meta: (_cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
-        args = (x, dst_unit, dst_index, score, best, n_tokens, num_dst)
-        _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, width, *x.stride(), *dst_strides,
-                         **flags, C_A=split[0], C_B=split[1], C_REST=split[2])  # fmt: skip
-        return score, best
-    splits = _destination_splits(batch, n_tokens, num_dst, x.device)
-    d_per_split = _cdiv(_cdiv(num_dst, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    splits = _cdiv(num_dst, d_per_split)
-    if splits > 1:  # each split writes its part beside score/best; one more launch combines them
-        part_score = torch.empty(splits, batch, n_tokens, device=x.device, dtype=torch.float32)
-        part_best = torch.empty(splits, batch, n_tokens, device=x.device, dtype=torch.int64)
-    else:
-        part_score, part_best = score, best
-    grid = lambda meta: (_cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch, splits)  # noqa: E731
-    args = (x, dst_unit, dst_index, part_score, part_best, n_tokens, num_dst)
-    _launch_matching(_best_destination_kernel, grid, x, num_dst, *args, channels, width, *x.stride()[:2], *dst_strides,
-                     d_per_split, **flags, BLOCK_C=block_c)  # fmt: skip
-    if splits > 1:
-        block = 1024 if not INTERPRET else 64
-        _launch(
-            _combine_splits_kernel, (_cdiv(n_tokens - num_dst, block), batch),
-            part_score, part_best, dst_index, score, best, n_tokens, num_dst, width, splits, SY=sy, SX=sx, BLOCK=block,
-        )  # fmt: skip
-    return score, best
 
 
 # Destinations of one split of the looped matching: whole tiles of its largest BLOCK_D
@@ -760,16 +1058,15 @@ _matching_configs_found = {}  # (kernel, N, D, C, dtype): the config its autotun
 
 
 def _launch_matching(tuned, grid, x, num_dst: int, *args, **meta):
-    """Launch a matching kernel (autotune over heuristics over jit). The first launch of an autotuning
-    key runs the autotuner; later ones launch the jit function with the config found, without the
-    autotuner's and the heuristic's Python, which cost an eager block at 512px (bound by the host)
-    about 80 us under cProfile on an H100 host. Both go through _launch."""
+    """Launch a matching kernel (autotune over heuristics over jit) through _launch with the config
+    its autotuner found for this key: the autotuner's and the heuristic's Python cost an eager block
+    at 512px (bound by the host) about 80 us under cProfile on an H100 host. The first launch of a
+    key runs the autotuner first."""
     key = (tuned, x.shape[1], num_dst, x.shape[2], x.dtype)
     config = _matching_configs_found.get(key)
     if config is None:
         tuned[grid](*args, **meta)
-        _matching_configs_found[key] = tuned.best_config
-        return
+        config = _matching_configs_found[key] = tuned.best_config
     even_d = num_dst % config.kwargs["BLOCK_D"] == 0
     _launch(tuned.fn.fn, grid(config.kwargs), *args, **meta, **config.all_kwargs(), EVEN_D=even_d)
 
@@ -779,70 +1076,6 @@ def _launch_matching(tuned, grid, x, num_dst: int, *args, **meta):
 # 36 us, host 30-60 against 200 us). At 9216 tokens its GPU time is 3x that of the six launches
 # (scripts/results/2026-11-23-h100/kernels_acd48c4.md).
 ONE_PROGRAM_MAX_TOKENS = 4096
-
-
-def assign_slots(score, best, is_dst, dst_slot, num_dst: int, num_merged: int, num_agent_merged: int | None):
-    """score, best (B, N) -> slot (B, N) and agent slot (B, N) or None; see merge.assign_slots."""
-    batch, n_tokens = score.shape
-    has_agents = num_agent_merged is not None
-    slot = torch.empty_like(best)
-    agent_slot = torch.empty_like(best) if has_agents else slot
-    if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1):  # its counts have 16 bits
-        _launch(
-            _one_program_slots_kernel, (batch,),
-            score, best, is_dst, dst_slot, slot, agent_slot, n_tokens, num_dst, num_merged, num_agent_merged or 0,
-            HAS_AGENTS=has_agents, BLOCK=_next_power_of_2(n_tokens), num_warps=8,
-        )  # fmt: skip
-        return slot, (agent_slot if has_agents else None)
-    block = 1024 if not INTERPRET else 64
-    programs = _cdiv(n_tokens, block)
-    hist_and_done = torch.zeros(batch * (5 * 2048 + 3), device=score.device, dtype=torch.int32)  # one memset
-    hist, done = hist_and_done.split([batch * 5 * 2048, batch * 3])
-    threshold = torch.empty(batch, 2, 2, device=score.device, dtype=torch.int64)
-    for radix_pass in range(3):
-        _launch(
-            _histogram_kernel, (programs, batch),
-            score, hist, done, threshold, n_tokens, num_merged, num_agent_merged or 0,
-            PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=block,
-        )  # fmt: skip
-    below = torch.empty(batch, 2, programs, 2, device=score.device, dtype=torch.int32)
-    _launch(_below_counts_kernel, (programs, batch), score, is_dst, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=block)
-    _launch(
-        _slots_kernel, (programs, batch),
-        score, best, is_dst, dst_slot, threshold, below, slot, agent_slot, n_tokens, num_dst,
-        HAS_AGENTS=has_agents, BLOCK=block, MAX_PROGRAMS=_next_power_of_2(programs),
-    )  # fmt: skip
-    return slot, (agent_slot if has_agents else None)
-
-
-# 2**24 steps per unit: fp16's largest value summed over 65536 tokens stays inside int64 (7e16 < 9e18)
-_FIXED_POINT = float(2**24)
-
-
-def merge_mean(x: torch.Tensor, slot, agent_slot, dst_index, is_dst, num_slots: int, num_agents: int | None):
-    """(B, N, C) -> the merged sequence (B, num_slots, C) and the agents (B, num_agents, C) or None:
-    each slot the mean of its tokens, deterministic. Destinations hold slots 0..D-1 in both plans."""
-    batch, n_tokens, channels = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    has_agents = agent_slot is not None
-    num_dst = dst_index.numel()
-    merged = torch.empty(batch, num_slots, channels, device=x.device, dtype=x.dtype)
-    agents = torch.empty(batch, num_agents, channels, device=x.device, dtype=x.dtype) if has_agents else merged
-    sums = torch.zeros(batch, num_dst, (channels + 1) * (1 + has_agents), device=x.device, dtype=torch.int64)
-    block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
-    _launch(
-        _scatter_kernel, (_cdiv(n_tokens, block_t), _cdiv(channels, block_c), batch),
-        x, slot, agent_slot if has_agents else slot, is_dst, merged, agents, sums,
-        n_tokens, channels, num_dst, num_slots, num_agents or 0, x.stride(0), x.stride(1),
-        HAS_AGENTS=has_agents, SCALE=_FIXED_POINT, BLOCK_T=block_t, BLOCK_C=block_c,
-    )  # fmt: skip
-    _launch(
-        _destination_mean_kernel, (_cdiv(num_dst, block_t), _cdiv(channels, block_c), batch),
-        x, dst_index, sums, merged, agents, num_dst, channels, num_slots, num_agents or 0, x.stride(0), x.stride(1),
-        HAS_AGENTS=has_agents, SCALE=_FIXED_POINT, BLOCK_D=block_t, BLOCK_C=block_c,
-    )  # fmt: skip
-    return merged, (agents if has_agents else None)
 
 
 def _compilable(schema: str, launch, fake, outputs: int, device_at: int = 0):
@@ -890,39 +1123,25 @@ def _device_index(x) -> int:
     return -1 if index is None else index
 
 
-def _fake_destinations(height, width, sy, sx, downsample, device, key, seed, timestep):
-    num_tokens = height * width
-    index = torch.empty((height // sy) * (width // sx), dtype=torch.int64, device=device)
-    return index, index.new_empty(num_tokens), torch.empty(num_tokens, dtype=torch.bool, device=device)
+def _fake_plan(x, width, sy, sx, downsample, key, seed, timestep, num_merged, num_agent_merged):
+    shape = PlanShape(*x.shape, x.dtype, width, sy, sx, num_merged, num_agent_merged)
+    return (x.new_empty(_layout(shape, x.device).size, dtype=torch.uint8),)
 
 
-def _fake_best_destination(x, dst_index, width, sy, sx):
-    return x.new_empty(x.shape[:2], dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.int64)
+def _fake_merge(x, workspace, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged, with_agents):
+    batch = x.shape[0]
+    agents = x.new_empty(batch, num_tokens - num_agent_merged, channels) if with_agents else None
+    return x.new_empty(batch, num_tokens - num_merged, channels), agents
 
 
-def _fake_assign_slots(score, best, is_dst, dst_slot, num_dst, num_merged, num_agent_merged):
-    return torch.empty_like(best), None if num_agent_merged is None else torch.empty_like(best)
+def _fake_unmerge(y, workspace, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged):
+    return (y.new_empty(y.shape[0], num_tokens, y.shape[2]),)
 
 
-def _fake_merge_mean(x, slot, agent_slot, dst_index, is_dst, num_slots, num_agents):
-    batch, _, channels = x.shape
-    agents = None if num_agents is None else x.new_empty(batch, num_agents, channels)
-    return x.new_empty(batch, num_slots, channels), agents
-
-
-destinations = _compilable(
-    "destinations(int height, int width, int sy, int sx, int downsample, Device device, int? key, int seed, Tensor? timestep) -> Tensor[]",
-    destinations, _fake_destinations, outputs=3, device_at=5,
+_PLAN_SHAPE = "int num_tokens, int channels, ScalarType dtype, int width, int sy, int sx, int num_merged, int? num_agent_merged"
+_plan = _compilable(
+    "plan(Tensor x, int width, int sy, int sx, int downsample, int? key, int seed, Tensor? timestep, int num_merged, int? num_agent_merged) -> Tensor[]",
+    _plan, _fake_plan, outputs=1,
 )  # fmt: skip
-best_destination = _compilable(
-    "best_destination(Tensor x, Tensor dst_index, int width, int sy, int sx) -> Tensor[]",
-    best_destination, _fake_best_destination, outputs=2,
-)  # fmt: skip
-assign_slots = _compilable(
-    "assign_slots(Tensor score, Tensor best, Tensor is_dst, Tensor dst_slot, int num_dst, int num_merged, int? num_agent_merged) -> Tensor[]",
-    assign_slots, _fake_assign_slots, outputs=2,
-)  # fmt: skip
-merge_mean = _compilable(
-    "merge_mean(Tensor x, Tensor slot, Tensor? agent_slot, Tensor dst_index, Tensor is_dst, int num_slots, int? num_agents) -> Tensor[]",
-    merge_mean, _fake_merge_mean, outputs=2,
-)  # fmt: skip
+_merge = _compilable(f"merge(Tensor x, Tensor workspace, {_PLAN_SHAPE}, bool with_agents) -> Tensor[]", _merge, _fake_merge, outputs=2)
+_unmerge = _compilable(f"unmerge(Tensor y, Tensor workspace, {_PLAN_SHAPE}) -> Tensor[]", _unmerge, _fake_unmerge, outputs=1)

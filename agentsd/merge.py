@@ -50,6 +50,10 @@ class MergePlan(NamedTuple):
     destinations: Destinations
 
     @property
+    def num_tokens(self) -> int:
+        return self.slot.shape[1]
+
+    @property
     def num_slots(self) -> int:
         return self.slot.shape[1] - self.num_merged
 
@@ -107,13 +111,6 @@ def choose_destinations(grid: Grid, sy: int, sx: int, seed: int | None = None, t
     drawn from the key random_key(seed, timestep) of the call."""
     cells_y, cells_x = grid.height // sy, grid.width // sx
     num_tokens = grid.height * grid.width
-    if device is not None and kernels.available(device):
-        shape = (grid.height, grid.width, sy, sx, grid.downsample, device)
-        if seed is not None and torch.is_tensor(timestep):  # the key is drawn on the GPU
-            found = kernels.destinations(*shape, seed=seed, timestep=timestep)
-        else:
-            found = kernels.destinations(*shape, key=None if seed is None else random_key(seed, timestep))
-        return Destinations(*found, grid.width, (sy, sx))
     cell = torch.arange(cells_y * cells_x, device=device)
     key = None if seed is None else random_key(seed, timestep)
     if key is None:
@@ -127,6 +124,22 @@ def choose_destinations(grid: Grid, sy: int, sx: int, seed: int | None = None, t
     slot = torch.zeros(num_tokens, dtype=torch.int64, device=device).scatter_(0, index, cell)
     is_dst = torch.zeros(num_tokens, dtype=torch.bool, device=device).scatter_(0, index, True)
     return Destinations(index, slot, is_dst, grid.width, (sy, sx))
+
+
+def plan_block(
+    metric: torch.Tensor, grid: Grid, sy: int, sx: int, num_merged: int, num_agent_merged: int | None = None,
+    seed: int | None = None, timestep=0,
+) -> "MergePlan | kernels.Plan":
+    """Steps 1-4 for a block whose metric (B, N, C) lies on `grid`: its destinations, then
+    plan_merge. On CUDA the kernels do it all and keep the plan in one workspace (kernels.Plan)."""
+    if kernels.available(metric):
+        if seed is not None and torch.is_tensor(timestep):  # the key is drawn on the GPU
+            where = dict(seed=seed, timestep=timestep)
+        else:
+            where = dict(key=None if seed is None else random_key(seed, timestep))
+        return kernels.plan(metric, grid.width, sy, sx, grid.downsample, num_merged, num_agent_merged, **where)
+    destinations = choose_destinations(grid, sy, sx, seed, timestep, metric.device)
+    return plan_merge(metric, destinations, num_merged, num_agent_merged)
 
 
 def plan_merge(
@@ -147,8 +160,6 @@ def best_destination(metric: torch.Tensor, destinations: Destinations) -> tuple[
 
     Destinations score -inf, so that they rank after every source and are never merged.
     """
-    if kernels.available(metric):
-        return kernels.best_destination(metric, destinations.index, destinations.width, *destinations.cell)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     score, best_dst = (metric @ metric[:, destinations.index].transpose(1, 2)).max(dim=-1)  # (B, N, D) -> (B, N)
     return score.masked_fill(destinations.is_dst, -math.inf), best_dst
@@ -164,10 +175,6 @@ def assign_slots(
     of the merged sequence is free); destinations keep their cell's slot.
     """
     num_dst = destinations.index.numel()
-    if kernels.available(score):
-        return kernels.assign_slots(
-            score, best_dst, destinations.is_dst, destinations.slot, num_dst, num_merged, num_agent_merged
-        )
     order = score.argsort(dim=-1, descending=True, stable=True)
     positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)
@@ -184,18 +191,16 @@ def assign_slots(
 
 def merge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """(B, N, C) -> (B, N - t, C): the mean of the tokens of each slot."""
-    if kernels.available(x):
-        dst = plan.destinations
-        return kernels.merge_mean(x, plan.slot, None, dst.index, dst.is_dst, plan.num_slots, None)[0]
+    if isinstance(plan, kernels.Plan):
+        return kernels.merge(x, plan, with_agents=False)[0]
     return _scatter_mean(x, plan.slot, plan.num_slots)
 
 
 def merge_with_agents(x: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N, C) -> the merged sequence (B, N - t, C) and the agents (B, n, C), in one pass on CUDA."""
+    if isinstance(plan, kernels.Plan):
+        return kernels.merge(x, plan, with_agents=True)
     num_agents = x.shape[1] - plan.num_agent_merged
-    if kernels.available(x):
-        dst = plan.destinations
-        return kernels.merge_mean(x, plan.slot, plan.agent_slot, dst.index, dst.is_dst, plan.num_slots, num_agents)
     return _scatter_mean(x, plan.slot, plan.num_slots), _scatter_mean(x, plan.agent_slot, num_agents)
 
 
@@ -206,4 +211,6 @@ def _scatter_mean(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.
 
 def unmerge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """(B, N - t, C) -> (B, N, C): every token takes the value of its slot."""
+    if isinstance(plan, kernels.Plan):
+        return kernels.unmerge(x, plan)
     return x.gather(1, plan.slot.unsqueeze(-1).expand(*plan.slot.shape, x.shape[-1]))

@@ -20,7 +20,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from .attention import AgentSDAttnProcessor, is_plain, plain_attention
 from .block import is_lean, lean_forward, runs_lean
 from .config import K_SCALE2, K_SHORTCUT, RATIO, AgentSDConfig, build_config
-from .merge import choose_destinations, merge, merge_counts, plan_merge, token_grid, unmerge
+from .merge import merge, merge_counts, plan_block, token_grid, unmerge
 from .schedule import StageTracker
 
 SUPPORTED = (
@@ -225,10 +225,8 @@ class UNetPatch:
         if num_merged == 0:
             return None
         # One destination pattern per level and call (a level's blocks draw the same one): drawn
-        # again in every block, it lives only as long as the block's plan, which keeps peak memory
-        # at the baseline's.
-        destinations = choose_destinations(grid, stage.sy, stage.sx, self.seed, self.timestep, x.device)
-        return plan_merge(x, destinations, num_merged, num_agent_merged)
+        # again in every block, it lives only as long as the block's plan.
+        return plan_block(x, grid, stage.sy, stage.sx, num_merged, num_agent_merged, self.seed, self.timestep)
 
 
 class BlockMerge:
@@ -273,7 +271,7 @@ class BlockMerge:
 
     def merge_input(self, module, args):
         plan = self.plan
-        if plan is None or not args or args[0].shape[1] != plan.slot.shape[1]:
+        if plan is None or not args or args[0].shape[1] != plan.num_tokens:
             return None
         return (merge(args[0], plan), *args[1:])
 

@@ -16,7 +16,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 import agentsd
 from agentsd import kernels
-from agentsd.merge import choose_destinations, merge, merge_with_agents, token_grid, unmerge
+from agentsd.merge import merge, merge_with_agents, unmerge
 from agentsd.models import unet_from_config
 from speed_benchmark import CONFIGS, STAGES, unet_inputs
 from timing import host_us
@@ -76,18 +76,8 @@ def main(argv=None):
         patch.before_unet(unet, inputs, {})
         block_merge = block.attn1.processor.block_merge
         plan = patch.plan_for(x)
-        grid = token_grid(patch.latent_size, x.shape[1])
-        s = patch.stage
         prefix = f"{stage_name}:"
         row(f"{prefix} plan_for (whole plan)", lambda: patch.plan_for(x))
-        row(f"{prefix}   choose_destinations", lambda: choose_destinations(grid, s.sy, s.sx, patch.seed, patch.timestep, x.device))
-        dst = plan.destinations
-        row(f"{prefix}   best_destination", lambda: kernels.best_destination(x, dst.index, dst.width, *dst.cell))
-        score, best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
-        row(
-            f"{prefix}   assign_slots",
-            lambda: kernels.assign_slots(score, best, dst.is_dst, dst.slot, dst.index.numel(), plan.num_merged, plan.num_agent_merged),
-        )
         if plan.num_agent_merged is not None:
             row(f"{prefix} merge_with_agents", lambda: merge_with_agents(h, plan))
         row(f"{prefix} merge", lambda: merge(h, plan))

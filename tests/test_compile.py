@@ -59,4 +59,4 @@ def test_kernels_compile_as_custom_ops(monkeypatch, stage):
     compiled = torch.compile(unet, backend=record, fullgraph=True)
     torch.testing.assert_close(run_unet(compiled, inputs), eager, rtol=1e-5, atol=1e-5)
     called = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
-    assert {f"agentsd.{op}.default" for op in ("destinations", "best_destination", "assign_slots", "merge_mean")} <= called
+    assert {f"agentsd.{op}.default" for op in ("plan", "merge", "unmerge")} <= called

@@ -24,19 +24,42 @@ def inputs(dtype, batch=2, grid=merge.Grid(2, 12, 20), stride=(2, 4), channels=4
     return x, merge.choose_destinations(grid, *stride, seed=seed, timestep=500, device=DEVICE)
 
 
+def kernel_plan(x, dst, num_merged=None, num_agent_merged=None, seed=0, timestep=500):
+    """kernels.plan for x on the grid of `dst`, with the seed and timestep that inputs() drew it
+    with; 40% merged by default."""
+    num_tokens = x.shape[1]
+    num_merged = int(num_tokens * 0.4) if num_merged is None else num_merged
+    grid_height, width = num_tokens // dst.width, dst.width
+    downsample = 2 if (grid_height, width) == (12, 20) else 1  # inputs()'s default grid is level 2
+    where = dict(seed=seed, timestep=timestep) if torch.is_tensor(timestep) else dict(key=merge.random_key(seed, timestep))
+    return kernels.plan(x, width, *dst.cell, downsample, num_merged, num_agent_merged, **where)
+
+
+@pytest.fixture
+def fresh_layouts():
+    """Layouts and recorded launches made again (tests that patch what they depend on)."""
+    kernels._layout.cache_clear()
+    yield
+    kernels._layout.cache_clear()
+
+
 @pytest.mark.parametrize("seed", [None, 3])
 @pytest.mark.parametrize("timestep", [981, torch.tensor(981), torch.tensor([20.5, 20.5])], ids=["int", "tensor", "float-batch"])
 def test_destinations(torch_path, seed, timestep):
+    """The prologue's destination pattern is merge.choose_destinations', whether its key comes from
+    the host or is drawn from the timestep tensor, with tokens outside the complete cells."""
     timestep = timestep.to(DEVICE) if torch.is_tensor(timestep) else timestep
     for grid, sy, sx in ((merge.Grid(1, 12, 20), 2, 4), (merge.Grid(2, 7, 10), 4, 4), (merge.Grid(1, 5, 5), 2, 2)):
         expected = merge.choose_destinations(grid, sy, sx, seed, timestep, device=DEVICE)
-        shape = (grid.height, grid.width, sy, sx, grid.downsample, DEVICE)
+        x = torch.randn(2, grid.height * grid.width, 16, device=DEVICE)
         if seed is not None and torch.is_tensor(timestep):  # the key drawn in the kernel from the tensor
-            got = kernels.destinations(*shape, seed=seed, timestep=timestep)
+            where = dict(seed=seed, timestep=timestep)
         else:
-            got = kernels.destinations(*shape, key=None if seed is None else merge.random_key(seed, timestep))
-        for name, a, b in zip(merge.Destinations._fields, got, expected):
-            assert torch.equal(a, b), name
+            where = dict(key=None if seed is None else merge.random_key(seed, timestep))
+        parts = kernels.plan(x, grid.width, sy, sx, grid.downsample, 1, None, **where).parts()
+        assert torch.equal(parts["dst_index"].long(), expected.index)
+        assert torch.equal(parts["token_cell"] >= 0, expected.is_dst)
+        assert torch.equal(parts["token_cell"].clamp(min=0).long(), expected.slot)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -52,7 +75,8 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
     if channels_last:
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     score, best = merge.best_destination(x, dst)
-    k_score, k_best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
+    parts = kernel_plan(x, dst).parts()
+    k_score, k_best = parts["score"], parts["best"].long()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(k_score, score.float(), rtol=tolerance, atol=tolerance)
     # the index agrees wherever the best destination wins by more than the rounding
@@ -62,10 +86,12 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
     assert clear.float().mean() > 0.7  # enough tokens to compare (similarities crowd more at 272 channels)
     assert torch.equal(k_best[clear], best[clear])
     assert torch.isinf(k_score[:, dst.index]).all()
+    unit_dst = parts["dst_unit"].float()
+    torch.testing.assert_close(unit_dst, unit[:, dst.index], rtol=tolerance, atol=tolerance)
     # the first launch of a shape autotunes; a later one launches the config found directly
     assert any(key[1:] == (x.shape[1], dst.index.numel(), channels, dtype) for key in kernels._matching_configs_found)
-    again = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
-    assert torch.equal(again[0], k_score) and torch.equal(again[1], k_best)
+    again = kernel_plan(x, dst).parts()
+    assert torch.equal(again["score"], k_score) and torch.equal(again["best"], parts["best"])
 
 
 @pytest.mark.parametrize("channels", [48, 272, 40], ids=["resident", "resident-3-parts", "looped"])
@@ -75,12 +101,12 @@ def test_best_destination_ties_go_to_the_lower_index(torch_path, channels):
     x, dst = inputs(torch.float16, grid=merge.Grid(1, 17, 34), stride=(4, 4), channels=channels)
     x[:, dst.index] = x[:, :1]
     score, best = merge.best_destination(x, dst)
-    k_score, k_best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
+    parts = kernel_plan(x, dst).parts()
     sources = ~dst.is_dst
     assert dst.index.numel() > 16  # more than one destination tile (16 wide in the interpreter)
     assert (best[:, sources] == 0).all()
-    assert torch.equal(k_best[:, sources], best[:, sources])
-    torch.testing.assert_close(k_score, score.float(), rtol=2e-3, atol=2e-3)
+    assert torch.equal(parts["best"][:, sources].long(), best[:, sources])
+    torch.testing.assert_close(parts["score"], score.float(), rtol=2e-3, atol=2e-3)
 
 
 # Every candidate of the resident kernel's autotuner, forced one at a time (in the interpreter a small
@@ -104,9 +130,11 @@ def test_every_resident_config(torch_path, monkeypatch, config):
     tied[:, dst.index] = tied[:, :1]  # every source ties across all destinations
     key = (kernels._best_destination_resident_kernel, x.shape[1], dst.index.numel(), 272, torch.float16)
     monkeypatch.setitem(kernels._matching_configs_found, key, config)
+    monkeypatch.setattr(kernels, "_recipes", {})  # launched anew with this config
     for metric in (x, tied):
         score, best = merge.best_destination(metric, dst)
-        k_score, k_best = kernels.best_destination(metric, dst.index, dst.width, *dst.cell)
+        parts = kernel_plan(metric, dst).parts()
+        k_score, k_best = parts["score"], parts["best"].long()
         torch.testing.assert_close(k_score, score.float(), rtol=2e-3, atol=2e-3)
         unit = metric.float() / metric.float().norm(dim=-1, keepdim=True)
         top2 = (unit @ unit[:, dst.index].transpose(1, 2)).topk(2, dim=-1).values
@@ -117,7 +145,7 @@ def test_every_resident_config(torch_path, monkeypatch, config):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_looped_matching_split_over_destinations(torch_path, monkeypatch, tied):
+def test_looped_matching_split_over_destinations(torch_path, monkeypatch, fresh_layouts, tied):
     """With the destinations split across programs (few rows, e.g. SDXL 1024px) the results are the
     unsplit kernel's, ties to the lower index included."""
     # 40 channels: the looped kernel; two splits of whole tiles (16 in the interpreter, up to 256 on a GPU)
@@ -125,50 +153,114 @@ def test_looped_matching_split_over_destinations(torch_path, monkeypatch, tied):
     x, dst = inputs(torch.float16, grid=grid, stride=cell, channels=40)
     if tied:
         x[:, dst.index] = x[:, :1]
+    monkeypatch.setattr(kernels, "_recipes", {})
     monkeypatch.setattr(kernels, "_destination_splits", lambda *args: 1)
-    whole = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
+    whole = kernel_plan(x, dst).parts()
+    kernels._layout.cache_clear()
     monkeypatch.setattr(kernels, "_destination_splits", lambda *args: 2)  # 32 destinations: 16 + 16; 1024: 512 + 512
     calls = []
     launch = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda fn, grid, *a, **k: calls.append(grid) or launch(fn, grid, *a, **k))
-    split = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
-    assert len(calls) == 3 and calls[1][2] == 2  # gather, matching over (row blocks, batch, 2 splits), combine
-    assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
+    split = kernel_plan(x, dst).parts()
+    # prologue, matching over (row blocks, batch, 2 splits), combine, selection
+    assert len(calls) == 4 and calls[1][2] == 2
+    assert torch.equal(split["score"], whole["score"]) and torch.equal(split["best"], whole["best"])
+    assert torch.equal(split["slot"], whole["slot"])
     if tied:
-        assert (split[1][:, ~dst.is_dst] == 0).all()
+        assert (split["best"][:, ~dst.is_dst] == 0).all()
 
 
 @pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("one_program", [True, False], ids=["one-program", "radix-launches"])
-def test_assign_slots(torch_path, monkeypatch, merged, agents, ties, one_program):
+def test_assign_slots(torch_path, monkeypatch, fresh_layouts, merged, agents, ties, one_program):
+    """The selection kernels on given scores (written into a plan's workspace) against merge.assign_slots."""
     monkeypatch.setattr(kernels, "ONE_PROGRAM_MAX_TOKENS", 10**9 if one_program else 0)
     x, dst = inputs(torch.float32)
+    plan = kernel_plan(x, dst, merged, agents)
+    parts = plan.parts()
     score, best = merge.best_destination(x, dst)
     if ties:  # a few distinct values: ranks among equal scores follow the token index
         score = torch.where(torch.isinf(score), score, (score * 4).round() / 4 - 1)
         assert score[0].unique().numel() < 10
     assert dst.index.numel() == 30
+    assert ("histogram" in parts) != one_program
+    parts["score"].copy_(score)
+    parts["best"].copy_(best)
+    if "histogram" in parts:  # the prologue zeroes the radix passes' counts for the plan's one selection
+        parts["histogram"].zero_()
+    kernels._selection(parts, plan.shape, kernels._layout(plan.shape, x.device))
     expected = merge.assign_slots(score, best, dst, merged, agents)
-    got = kernels.assign_slots(score, best, dst.is_dst, dst.slot, dst.index.numel(), merged, agents)
-    assert torch.equal(got[0], expected[0])
-    assert (got[1] is None) == (agents is None) and (agents is None or torch.equal(got[1], expected[1]))
+    assert torch.equal(parts["slot"].long(), expected[0])
+    assert ("agent_slot" in parts) == (agents is not None)
+    assert agents is None or torch.equal(parts["agent_slot"].long(), expected[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("agents", [False, True])
-def test_merge_mean(torch_path, dtype, agents):
+def test_merge_and_unmerge(torch_path, dtype, agents):
+    """The kernels' merge against merge.py's on the kernels' own plan, again after a first merge
+    (the sums it leaves clean serve a second one, as with merge_crossattn), and the unmerge."""
     x, dst = inputs(dtype)
     x = x * 50  # residual-stream magnitudes
-    plan = merge.plan_merge(x, dst, 100, 200 if agents else None)
-    expected = merge.merge_with_agents(x.float(), plan) if agents else (merge.merge(x.float(), plan), None)
-    got = kernels.merge_mean(x, plan.slot, plan.agent_slot, dst.index, dst.is_dst, plan.num_slots,
-                             expected[1].shape[1] if agents else None)  # fmt: skip
-    assert (got[1] is None) == (not agents)
-    for a, b in zip(got, expected):
-        if b is not None:
-            assert a.dtype == dtype
-            torch.testing.assert_close(a.float(), b, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-5)
+    plan = kernel_plan(x, dst, 100, 200 if agents else None)
+    parts = plan.parts()
+    agent_slot = parts["agent_slot"].long() if agents else None
+    reference = merge.MergePlan(parts["slot"].long(), 100, agent_slot, 200 if agents else None, dst)
+    expected = merge.merge_with_agents(x.float(), reference) if agents else (merge.merge(x.float(), reference), None)
+    tolerance = dict(rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-5)
+    for with_agents in (agents, False):
+        got = kernels.merge(x, plan, with_agents)
+        assert (got[1] is None) == (not with_agents)
+        assert got[0].dtype == dtype and got[0].shape == (2, x.shape[1] - 100, x.shape[2])
+        torch.testing.assert_close(got[0].float(), expected[0], **tolerance)
+        if with_agents:
+            torch.testing.assert_close(got[1].float(), expected[1], **tolerance)
+    assert not parts["sums"].any()
+    y = torch.randn(2, plan.num_slots, 24, device=DEVICE, dtype=dtype)
+    assert torch.equal(kernels.unmerge(y, plan), merge.unmerge(y, reference))
+    assert torch.equal(kernels.unmerge(y[:, :, ::2], plan), merge.unmerge(y[:, :, ::2], reference))  # strided input
+
+
+def test_phases_replay_their_recorded_launches(monkeypatch):
+    """A phase's first run records its launches with their tensors as (base, offset); a later run
+    with the same recipe key replays them on the new bases' addresses, without running the phase's
+    Python; no key: never recorded."""
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "_DIRECT_LAUNCH", True)
+    monkeypatch.setattr(kernels, "_launchers", {})
+    monkeypatch.setattr(kernels, "_recipes", {})
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    launched = []
+
+    class Kernel:
+        arg_names = ["a_ptr", "b_ptr", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(("first", grid, args)) or object()
+
+    monkeypatch.setattr(kernels, "_direct_launcher", lambda compiled, device, constexprs: lambda grid, values: launched.append(("direct", grid, values)))
+    kernel, runs = Kernel(), []
+
+    def phase(x, workspace):
+        runs.append(1)
+        kernels._launch(kernel, (4,), workspace[16:], x, 7, BLOCK=32)
+        kernels._launch(kernel, (2, 3), x, workspace, 9, BLOCK=32)
+
+    x, workspace = torch.zeros(8), torch.zeros(64, dtype=torch.uint8)
+    kernels._run(("phase",), (x, workspace), lambda: phase(x, workspace))
+    assert [entry[0] for entry in launched] == ["first", "first"] and len(runs) == 1
+    x2, workspace2 = torch.zeros(8), torch.zeros(64, dtype=torch.uint8)
+    kernels._run(("phase",), (x2, workspace2), lambda: phase(x2, workspace2))
+    assert len(runs) == 1  # replayed
+    assert launched[2:] == [
+        ("direct", (4, 1, 1), [workspace2.data_ptr() + 16, x2.data_ptr(), 7]),
+        ("direct", (2, 3, 1), [x2.data_ptr(), workspace2.data_ptr(), 9]),
+    ]
+    kernels._run(None, (x2, workspace2), lambda: phase(x2, workspace2))
+    assert len(runs) == 2 and None not in kernels._recipes
+    with pytest.raises(RuntimeError, match="outside its bases"):  # a tensor the bases do not hold
+        kernels._run(("other",), (x,), lambda: phase(x, workspace))
 
 
 def test_launch_reuses_the_compiled_kernel(monkeypatch):
@@ -262,29 +354,29 @@ def test_resident_rows_only_where_they_fit(monkeypatch):
     """The resident kernel needs a program's rows in registers and two stages of destination tiles
     in shared memory."""
     monkeypatch.setattr(kernels, "INTERPRET", False)
-    x = torch.empty(1, 1, 320, dtype=torch.float16)
     monkeypatch.setattr(kernels, "_shared_memory", lambda device: 227 * 1024)  # H100
-    assert kernels._resident_split(x) == (128, 128, 64)
-    assert kernels._resident_split(x[..., :192]) == (128, 0, 64)
-    assert kernels._resident_split(x.float()) is None  # twice the registers
-    assert kernels._resident_split(torch.empty(1, 1, 40, dtype=torch.float16)) is None  # 32 + 8: a tile under 16
+    split = lambda channels, dtype=torch.float16: kernels._resident_split(channels, dtype, "cuda")  # noqa: E731
+    assert split(320) == (128, 128, 64)
+    assert split(192) == (128, 0, 64)
+    assert split(320, torch.float32) is None  # twice the registers
+    assert split(40) is None  # 32 + 8: a tile under 16
     monkeypatch.setattr(kernels, "_shared_memory", lambda device: 99 * 1024)  # consumer GPUs
-    assert kernels._resident_split(x) == (128, 128, 64)
+    assert split(320) == (128, 128, 64)
     monkeypatch.setattr(kernels, "_shared_memory", lambda device: 64 * 1024)
-    assert kernels._resident_split(x) is None
+    assert split(320) is None
 
 
 @pytest.mark.parametrize("agents", [False, True])
 def test_custom_ops_agree_with_their_fakes(torch_path, agents):
-    """The ops that torch.compile records: schema, fake shapes and dtypes against the real results."""
+    """The ops that torch.compile records: schema, fake shapes and dtypes against the real results
+    (a plan's workspace leaves the padding between its parts unwritten: no comparison of values)."""
     x, dst = inputs(torch.float16)
-    grid = merge.Grid(2, 12, 20)
     ops = torch.ops.agentsd
-    torch.library.opcheck(ops.destinations, (grid.height, grid.width, 2, 4, 2, torch.device(DEVICE), None, 5, torch.tensor(981.0, device=DEVICE)))
-    torch.library.opcheck(ops.best_destination, (x, dst.index, dst.width, *dst.cell))
-    score, best = kernels.best_destination(x, dst.index, dst.width, *dst.cell)
     num_agent_merged = 200 if agents else None
-    torch.library.opcheck(ops.assign_slots, (score, best, dst.is_dst, dst.slot, dst.index.numel(), 90, num_agent_merged))
-    slot, agent_slot = kernels.assign_slots(score, best, dst.is_dst, dst.slot, dst.index.numel(), 90, num_agent_merged)
-    num_agents = x.shape[1] - 200 if agents else None
-    torch.library.opcheck(ops.merge_mean, (x, slot, agent_slot, dst.index, dst.is_dst, x.shape[1] - 90, num_agents))
+    plan_args = (x, dst.width, *dst.cell, 2, None, 5, torch.tensor(981.0, device=DEVICE), 90, num_agent_merged)
+    torch.library.opcheck(ops.plan, plan_args, test_utils=("test_schema", "test_faketensor"))
+    plan = kernel_plan(x, dst, 90, num_agent_merged)
+    shape = plan.shape[1:]
+    torch.library.opcheck(ops.merge, (x, plan.workspace, *shape, agents))
+    y = torch.randn(2, plan.num_slots, 24, device=DEVICE, dtype=torch.float16)
+    torch.library.opcheck(ops.unmerge, (y, plan.workspace, *shape))
