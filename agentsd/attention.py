@@ -32,16 +32,17 @@ class AgentSDAttnProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         return self.merged_attention(attn, hidden_states, encoder_hidden_states, plan, **kwargs)
 
-    def merged_attention(self, attn, x: torch.Tensor, context: torch.Tensor | None, plan, **kwargs) -> torch.Tensor:
-        """x (B, N, C) -> (B, N, C) through the merged sequence of `plan`."""
+    def merged_attention(self, attn, x: torch.Tensor, context: torch.Tensor | None, plan, residual=None, **kwargs) -> torch.Tensor:
+        """x (B, N, C) -> (B, N, C) through the merged sequence of `plan` (+ `residual`, added as the
+        output is unmerged)."""
         if plan.num_agent_merged is not None and context is None:
-            return unmerge(self.agent_attention(attn, *merge_with_agents(x, plan)), plan)
+            return unmerge(self.agent_attention(attn, *merge_with_agents(x, plan)), plan, residual)
         merged = merge(x, plan)
         if self.plain or self.upcast:
             out = plain_attention(attn, merged, merged if context is None else context, upcast=self.upcast)
         else:
             out = self.original(attn, merged, context, None, **kwargs)
-        return unmerge(out, plan)
+        return unmerge(out, plan, residual)
 
     def agent_attention(self, attn, x: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
         """x (B, N - t, C), agents (B, n, C) -> (B, N - t, C)."""

@@ -64,8 +64,9 @@ def runs_lean(block: nn.Module, processor, hidden_states: torch.Tensor, args: tu
 
 def lean_forward(block: nn.Module, x: torch.Tensor, context: torch.Tensor, self_attention) -> torch.Tensor:
     """BasicTransformerBlock.forward of a block of is_lean: x (B, N, C), context (B, M, C') -> (B, N, C).
-    self_attention(h) (B, N, C) -> (B, N, C) takes the place of block.attn1(h)."""
-    x = self_attention(block.norm1(x)) + x
+    self_attention(h, x) (B, N, C) -> (B, N, C) takes the place of block.attn1(h) + x (a merged
+    block adds x as it unmerges: one pass less)."""
+    x = self_attention(block.norm1(x), x)
     x = plain_attention(block.attn2, block.norm2(x), context) + x
     geglu = block.ff.net[0]
     h, gate = geglu.proj(block.norm3(x)).chunk(2, dim=-1)

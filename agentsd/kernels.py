@@ -71,7 +71,7 @@ if triton is not None:
     @triton.jit
     def _prologue_kernel(
         x_ptr, timestep_ptr, seed, key_value, token_cell_ptr, dst_index_ptr, dst_unit_ptr, score_ptr, best_ptr,
-        sums_ptr, hist_ptr, N, C, W, downsample, sums_width, hist_size, stride_xb, stride_xn, stride_xc,
+        sums_ptr, counters_ptr, N, C, W, downsample, sums_width, num_counters, stride_xb, stride_xn, stride_xc,
         SY: tl.constexpr, SX: tl.constexpr, KEY: tl.constexpr, CELL: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_REST: tl.constexpr,
     ):  # fmt: skip
@@ -82,7 +82,7 @@ if triton is not None:
         destinations' rows of x L2-normalised into dst_unit (B, D, C) in x's dtype, score -inf (never
         merged) and best = its own cell at their positions, and the merge's sums zeroed. The
         programs after them: token_cell -1 for the tokens outside the complete cells (row 0), and
-        the radix selection's histograms zeroed. KEY 0: top-left destinations; 1: the key of
+        the selection's counters zeroed (num_counters per batch row). KEY 0: top-left destinations; 1: the key of
         merge.random_key(seed, timestep), drawn here from the timestep tensor; 2: key_value."""
         b = tl.program_id(1)
         cells_x = W // SX
@@ -129,7 +129,7 @@ if triton is not None:
             if b == 0:
                 token = _rest_token(rest, N, W, SY, SX)
                 tl.store(token_cell_ptr + token, tl.full([BLOCK_REST], -1, tl.int32), mask=rest < N - num_cells * SY * SX)
-            tl.store(hist_ptr + b * hist_size + rest, tl.zeros([BLOCK_REST], tl.int32), mask=rest < hist_size)
+            tl.store(counters_ptr + b * num_counters + rest, tl.zeros([BLOCK_REST], tl.int32), mask=rest < num_counters)
 
     @triton.jit
     def _dot_update(dot, x, d, IEEE: tl.constexpr):
@@ -277,10 +277,11 @@ if triton is not None:
     @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
     @triton.jit
     def _best_destination_resident_kernel(
-        x_ptr, dst_ptr, dst_index_ptr, score_ptr, best_ptr,
-        N, D, W, stride_xb, stride_xn, stride_xc, stride_db, stride_dd,
+        x_ptr, dst_ptr, dst_index_ptr, score_ptr, best_ptr, token_cell_ptr, slot_ptr, agent_slot_ptr, done_ptr,
+        N, D, W, num_merged, num_agent_merged, stride_xb, stride_xn, stride_xc, stride_db, stride_dd,
         SY: tl.constexpr, SX: tl.constexpr, IEEE: tl.constexpr,
-        C_A: tl.constexpr, C_B: tl.constexpr, C_REST: tl.constexpr,
+        C_A: tl.constexpr, C_B: tl.constexpr, C_REST: tl.constexpr, SELECT: tl.constexpr, HAS_AGENTS: tl.constexpr,
+        SELECT_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SHARED_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
     ):  # fmt: skip
         """_best_destination_kernel for C = C_A + C_B + C_REST channels (powers of two up to 128; C_B
@@ -292,7 +293,11 @@ if triton is not None:
         Registers: 1.11x against rows in shared memory at 128 rows (65536 tokens, 2x2 cells; 1.2-1.5x
         at 4096; matching_registers.md). SHARED_ROWS makes room for 256 rows per program (16 warps),
         which halves what each destination tile costs in L2 bandwidth: 1.19-1.22x from 16384 tokens
-        (bm256.md; both in scripts/results/2026-11-24-h100/)."""
+        (bm256.md; both in scripts/results/2026-11-24-h100/).
+
+        SELECT: the last program of a batch row to finish also selects that row's slots, as
+        _one_program_slots_kernel does (one launch less per block where eager calls are bound by
+        the host); done (B,) counts the finished programs, zero before and after."""
         b = tl.program_id(1)
         sources = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = sources < N - D
@@ -347,6 +352,12 @@ if triton is not None:
             best = tl.min(tl.where(slot_dot == best_dot[:, None], slot_d0 + in_tile[None, :], D), axis=1)  # ties: lower index
 
         _store_best(best_dot * inverse_norm, best, score_ptr, best_ptr, b, N, tokens, row_ok)
+        if SELECT:
+            tl.debug_barrier()  # this program's scores are stored before it counts itself done
+            if tl.atomic_add(done_ptr + b, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+                tl.store(done_ptr + b, 0)  # for the next launch (the autotuner launches a kernel again)
+                _select_row(score_ptr, best_ptr, token_cell_ptr, slot_ptr, agent_slot_ptr, b, N, D,
+                            num_merged, num_agent_merged, HAS_AGENTS, SELECT_BLOCK)  # fmt: skip
 
     # Selection of the t best-scoring sources without a sort. Token order in the merged sequence is
     # free (ALGORITHM.md), so the unmerged sources take slots D, D+1, ... in token order, and only the
@@ -393,7 +404,9 @@ if triton is not None:
     def _selection_keys(score_ptr, token_cell_ptr, b, p, ok, N):
         """Order keys of tokens p, which of them are sources, and the cell of those that are not."""
         cell = tl.load(token_cell_ptr + p, mask=ok, other=0)
-        return _order_key(tl.load(score_ptr + b * N + p, mask=ok, other=0.0)), ok & (cell < 0), cell
+        # from L2: other programs of the launch may have just written the scores (_select_row)
+        score = tl.load(score_ptr + b * N + p, mask=ok, other=0.0, cache_modifier=".cg")
+        return _order_key(score), ok & (cell < 0), cell
 
     @triton.jit
     def _slots(key, source, best, own_slot, threshold, equal_wanted, equal_before, below_before, D):
@@ -409,18 +422,17 @@ if triton is not None:
         return tl.where(source, tl.where(merged, best, D + unmerged_rank), own_slot)
 
     @triton.jit
-    def _one_program_slots_kernel(
-        score_ptr, best_ptr, token_cell_ptr, slot_ptr, agent_slot_ptr, N, D, num_merged, num_agent_merged,
+    def _select_row(
+        score_ptr, best_ptr, token_cell_ptr, slot_ptr, agent_slot_ptr, b, N, D, num_merged, num_agent_merged,
         HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """The selection and slots of one batch row in one program, all N (< 2**15) keys in registers.
+        """The selection and slots of batch row b in one program, all N (< 2**15) keys in registers.
 
         The k-th largest key is decided bit by bit from the top: a bit is set when at least k keys
         reach the bits so far with it set. 32 counts, whatever the scores (histograms of the UNet's
         scores, which crowd into a few bins, serialise on their atomics). Both targets are counted
         in one sum: the merged plan's count in the low 16 bits, the agents' above.
         """
-        b = tl.program_id(0)
         p = tl.arange(0, BLOCK)
         ok = p < N
         key, source, own_slot = _selection_keys(score_ptr, token_cell_ptr, b, p, ok, N)
@@ -433,12 +445,21 @@ if triton is not None:
             merged_key = tl.where((reaching & 0xFFFF) >= num_merged, merged_try, merged_key)
             agent_key = tl.where((reaching >> 16) >= num_agent_merged, agent_try, agent_key)
         above = tl.sum((key > merged_key).to(tl.int32) + ((key > agent_key).to(tl.int32) << 16), 0)
-        best = tl.load(best_ptr + b * N + p, mask=ok, other=0)
+        best = tl.load(best_ptr + b * N + p, mask=ok, other=0, cache_modifier=".cg")
         slot = _slots(key, source, best, own_slot, merged_key, num_merged - (above & 0xFFFF), 0, 0, D)
         tl.store(slot_ptr + b * N + p, slot, mask=ok)
         if HAS_AGENTS:
             slot = _slots(key, source, best, own_slot, agent_key, num_agent_merged - (above >> 16), 0, 0, D)
             tl.store(agent_slot_ptr + b * N + p, slot, mask=ok)
+
+    @triton.jit
+    def _one_program_slots_kernel(
+        score_ptr, best_ptr, token_cell_ptr, slot_ptr, agent_slot_ptr, N, D, num_merged, num_agent_merged,
+        HAS_AGENTS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """_select_row for batch row program_id(0)."""
+        _select_row(score_ptr, best_ptr, token_cell_ptr, slot_ptr, agent_slot_ptr, tl.program_id(0), N, D,
+                    num_merged, num_agent_merged, HAS_AGENTS, BLOCK)  # fmt: skip
 
     @triton.jit
     def _histogram_kernel(
@@ -587,9 +608,11 @@ if triton is not None:
 
     @triton.jit
     def _unmerge_kernel(
-        y_ptr, slot_ptr, out_ptr, N, C, stride_yb, stride_ys, stride_yc, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+        y_ptr, slot_ptr, residual_ptr, out_ptr, N, C, stride_yb, stride_ys, stride_yc, stride_rb, stride_rn, stride_rc,
+        RESIDUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        """out (B, N, C): every token the row of its slot in y (B, S, C)."""
+        """out (B, N, C): every token the row of its slot in y (B, S, C), plus its row of the residual
+        (as torch adds: in float32, rounded once to y's dtype)."""
         b = tl.program_id(2)
         tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -597,6 +620,9 @@ if triton is not None:
         mask = ok[:, None] & (cols[None, :] < C)
         slot = tl.load(slot_ptr + b * N + tokens, mask=ok, other=0)
         v = tl.load(y_ptr + b * stride_yb + slot[:, None] * stride_ys + cols[None, :] * stride_yc, mask=mask)
+        if RESIDUAL:
+            r = tl.load(residual_ptr + b * stride_rb + tokens[:, None] * stride_rn + cols[None, :] * stride_rc, mask=mask)
+            v = (v.to(tl.float32) + r.to(tl.float32)).to(v.dtype)
         tl.store(out_ptr + (b * N + tokens[:, None]) * C + cols[None, :], v, mask=mask)
 
 # triton.cdiv and triton.next_power_of_2 are constexpr functions: ~1 us of host time per call
@@ -665,6 +691,7 @@ class Layout(NamedTuple):
     splits: int  # the looped matching's destination splits
     d_per_split: int
     radix_programs: int  # 0: the one-program selection
+    select_in_matching: bool  # the one-program selection runs in the resident matching's last programs
 
 
 _RADIX_BLOCK = 1024 if not INTERPRET else 64  # tokens per program of the radix selection
@@ -695,15 +722,18 @@ def _layout(shape: PlanShape, device: torch.device) -> Layout:
         parts["part_score"] = (torch.float32, (splits, batch, n_tokens))
         parts["part_best"] = (torch.int32, (splits, batch, n_tokens))
     radix_programs = 0 if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1) else _cdiv(n_tokens, _RADIX_BLOCK)
+    select_in_matching = resident is not None and not radix_programs
+    # zeroed by the prologue, per batch row: the radix passes' histograms and done counters, or the
+    # matching's count of finished programs
+    parts["counters"] = (torch.int32, (batch, _HISTOGRAM if radix_programs else 1))
     if radix_programs:
-        parts["histogram"] = (torch.int32, (batch, _HISTOGRAM))
         parts["threshold"] = (torch.int64, (batch, 2, 2))
         parts["below"] = (torch.int32, (batch, 2, radix_programs, 2))
     placed, size = {}, 0
     for name, (dtype, part_shape) in parts.items():
         placed[name] = (size, dtype, part_shape)
         size += _cdiv(math.prod(part_shape) * dtype.itemsize, 128) * 128
-    return Layout(placed, size, resident, splits, d_per_split, radix_programs)
+    return Layout(placed, size, resident, splits, d_per_split, radix_programs, select_in_matching)
 
 
 def _views(workspace: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
@@ -727,9 +757,9 @@ def merge(x: torch.Tensor, plan: Plan, with_agents: bool) -> tuple[torch.Tensor,
     return _merge(x, plan.workspace, *plan.shape[1:], with_agents)
 
 
-def unmerge(y: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """y (B, N - t, C') -> (B, N, C'): every token the row of its slot."""
-    return _unmerge(y, plan.workspace, *plan.shape[1:])[0]
+def unmerge(y: torch.Tensor, plan: Plan, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y (B, N - t, C') -> (B, N, C'): every token the row of its slot, plus `residual` (B, N, C') if given."""
+    return _unmerge(y, plan.workspace, residual, *plan.shape[1:])[0]
 
 
 def _plan(x, width, sy, sx, downsample, key, seed, timestep, num_merged, num_agent_merged):
@@ -752,20 +782,20 @@ def _plan(x, width, sy, sx, downsample, key, seed, timestep, num_merged, num_age
 def _plan_launches(x, workspace, shape: PlanShape, layout: Layout, downsample, mode, key, seed, timestep):
     parts = _views(workspace, layout)
     batch, n_tokens, channels = x.shape
-    cell, sums, histogram = parts["token_cell"], parts["sums"], parts.get("histogram")
-    rest = max(n_tokens - shape.num_dst * shape.sy * shape.sx, 0 if histogram is None else _HISTOGRAM)
+    cell, sums, counters = parts["token_cell"], parts["sums"], parts["counters"]
+    rest = max(n_tokens - shape.num_dst * shape.sy * shape.sx, counters.shape[1])
     block_rest = 1024 if not INTERPRET else 64
     _launch(
         _prologue_kernel, (_cdiv(shape.num_dst, 32) + _cdiv(rest, block_rest), batch),
         x, timestep if mode == 1 else cell, seed & 0xFFFFFFFF, key if mode == 2 else 0,
         cell, parts["dst_index"], parts["dst_unit"], parts["score"], parts["best"], sums,
-        cell if histogram is None else histogram, n_tokens, channels, shape.width, downsample, sums.shape[-1],
-        0 if histogram is None else _HISTOGRAM, *x.stride(),
+        counters, n_tokens, channels, shape.width, downsample, sums.shape[-1], counters.shape[1], *x.stride(),
         SY=shape.sy, SX=shape.sx, KEY=mode, CELL=_next_power_of_2(shape.sy * shape.sx),
         BLOCK_D=32, BLOCK_C=min(64, max(16, _next_power_of_2(channels))), BLOCK_REST=block_rest,
     )  # fmt: skip
     _matching(x, parts, shape, layout)
-    _selection(parts, shape, layout)
+    if not layout.select_in_matching:
+        _selection(parts, shape, layout)
 
 
 def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> None:
@@ -777,9 +807,13 @@ def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> None:
     if layout.resident is not None:  # SD 1.x block inputs come channels-last (stride(-1) = N): read them in place
         c_a, c_b, c_rest = layout.resident
         grid = lambda meta: (_cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch)  # noqa: E731
-        args = (x, dst_unit, parts["dst_index"], parts["score"], parts["best"], n_tokens, num_dst)
-        _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, shape.width, *x.stride(),
-                         *dst_strides, **flags, C_A=c_a, C_B=c_b, C_REST=c_rest)  # fmt: skip
+        has_agents = shape.num_agent_merged is not None
+        args = (x, dst_unit, parts["dst_index"], parts["score"], parts["best"], parts["token_cell"], parts["slot"],
+                parts.get("agent_slot", parts["slot"]), parts["counters"], n_tokens, num_dst, shape.width,
+                shape.num_merged, shape.num_agent_merged or 0)  # fmt: skip
+        _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, *x.stride(), *dst_strides, **flags,
+                         C_A=c_a, C_B=c_b, C_REST=c_rest, SELECT=layout.select_in_matching, HAS_AGENTS=has_agents,
+                         SELECT_BLOCK=_next_power_of_2(n_tokens))  # fmt: skip
         return
     splits = layout.splits
     score, best = (parts["part_score"], parts["part_best"]) if splits > 1 else (parts["score"], parts["best"])
@@ -812,7 +846,7 @@ def _selection(parts: dict, shape: PlanShape, layout: Layout) -> None:
         )  # fmt: skip
         return
     programs, threshold, below = layout.radix_programs, parts["threshold"], parts["below"]
-    hist, done = parts["histogram"].view(-1).split([batch * 5 * 2048, batch * 3])
+    hist, done = parts["counters"].view(-1).split([batch * 5 * 2048, batch * 3])
     for radix_pass in range(3):
         _launch(
             _histogram_kernel, (programs, batch),
@@ -869,22 +903,30 @@ def _merge_launches(x, workspace, shape: PlanShape, layout: Layout, merged, agen
     )  # fmt: skip
 
 
-def _unmerge(y, workspace, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged):
+def _unmerge(y, workspace, residual, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged):
     shape = PlanShape(y.shape[0], num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged)
     layout = _layout(shape, y.device)
     batch, _, out_channels = y.shape
     out = torch.empty(batch, num_tokens, out_channels, device=y.device, dtype=y.dtype)
     block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
+    recipe = ("unmerge", shape, y.shape, y.stride(), y.dtype, y.data_ptr() % 16 == 0, y.get_device())
+    bases = (y, workspace, out)
+    if residual is not None:
+        if residual.shape != out.shape or residual.dtype != y.dtype:
+            raise ValueError(f"unmerge: a residual of {tuple(residual.shape)} {residual.dtype} for an output of {tuple(out.shape)} {y.dtype}")
+        recipe += (residual.stride(), residual.data_ptr() % 16 == 0)
+        bases += (residual,)
 
     def launches():
         offset, slot_dtype, slot_shape = layout.parts["slot"]
         slot = workspace[offset : offset + math.prod(slot_shape) * 4].view(slot_dtype)
         _launch(
             _unmerge_kernel, (_cdiv(num_tokens, block_t), _cdiv(out_channels, block_c), batch),
-            y, slot, out, num_tokens, out_channels, *y.stride(), BLOCK_T=block_t, BLOCK_C=block_c,
+            y, slot, out if residual is None else residual, out, num_tokens, out_channels, *y.stride(),
+            *(out if residual is None else residual).stride(), RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_C=block_c,
         )  # fmt: skip
 
-    _run(("unmerge", shape, y.shape, y.stride(), y.dtype, y.data_ptr() % 16 == 0, y.get_device()), (y, workspace, out), launches)
+    _run(recipe, bases, launches)
     return (out,)
 
 
@@ -1134,7 +1176,7 @@ def _fake_merge(x, workspace, num_tokens, channels, dtype, width, sy, sx, num_me
     return x.new_empty(batch, num_tokens - num_merged, channels), agents
 
 
-def _fake_unmerge(y, workspace, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged):
+def _fake_unmerge(y, workspace, residual, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged):
     return (y.new_empty(y.shape[0], num_tokens, y.shape[2]),)
 
 
@@ -1144,4 +1186,4 @@ _plan = _compilable(
     _plan, _fake_plan, outputs=1,
 )  # fmt: skip
 _merge = _compilable(f"merge(Tensor x, Tensor workspace, {_PLAN_SHAPE}, bool with_agents) -> Tensor[]", _merge, _fake_merge, outputs=2)
-_unmerge = _compilable(f"unmerge(Tensor y, Tensor workspace, {_PLAN_SHAPE}) -> Tensor[]", _unmerge, _fake_unmerge, outputs=1)
+_unmerge = _compilable(f"unmerge(Tensor y, Tensor workspace, Tensor? residual, {_PLAN_SHAPE}) -> Tensor[]", _unmerge, _fake_unmerge, outputs=1)

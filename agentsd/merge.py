@@ -209,8 +209,10 @@ def _scatter_mean(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.
     return out.scatter_reduce_(1, slot.unsqueeze(-1).expand_as(x), x, reduce="mean", include_self=False)
 
 
-def unmerge(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """(B, N - t, C) -> (B, N, C): every token takes the value of its slot."""
+def unmerge(x: torch.Tensor, plan: MergePlan, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N - t, C) -> (B, N, C): every token takes the value of its slot (plus `residual`, (B, N, C),
+    in one pass on CUDA)."""
     if isinstance(plan, kernels.Plan):
-        return kernels.unmerge(x, plan)
-    return x.gather(1, plan.slot.unsqueeze(-1).expand(*plan.slot.shape, x.shape[-1]))
+        return kernels.unmerge(x, plan, residual)
+    out = x.gather(1, plan.slot.unsqueeze(-1).expand(*plan.slot.shape, x.shape[-1]))
+    return out if residual is None else out + residual

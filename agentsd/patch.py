@@ -261,13 +261,13 @@ class BlockMerge:
             return lean_forward(self.block, hidden_states, kwargs["encoder_hidden_states"], self.self_attention)
         return self.replaced(hidden_states, *args, **kwargs)
 
-    def self_attention(self, h):
-        """block.attn1(h) in lean_forward."""
+    def self_attention(self, h, residual):
+        """block.attn1(h) + residual in lean_forward."""
         attn = self.block.attn1
         plan = self.plan_of(attn)
         if plan is None:
-            return plain_attention(attn, h, h)
-        return self.processor.merged_attention(attn, h, None, plan)
+            return plain_attention(attn, h, h) + residual
+        return self.processor.merged_attention(attn, h, None, plan, residual)
 
     def merge_input(self, module, args):
         plan = self.plan

@@ -73,7 +73,7 @@ def lean_free_forward(block, processor):
 
     def forward(hidden_states, *args, **kwargs):
         if runs_lean(block, processor, hidden_states, args, kwargs):
-            attend = lambda h: processor(block.attn1, h)  # noqa: E731
+            attend = lambda h, residual: processor(block.attn1, h) + residual  # noqa: E731
             return lean_forward(block, hidden_states, kwargs["encoder_hidden_states"], attend)
         return replaced(hidden_states, *args, **kwargs)
 

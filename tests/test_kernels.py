@@ -75,8 +75,12 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
     if channels_last:
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     score, best = merge.best_destination(x, dst)
-    parts = kernel_plan(x, dst).parts()
+    counts = merge.merge_counts(x.shape[1], dst.index.numel(), 0.4, 0.95)
+    parts = kernel_plan(x, dst, *counts).parts()
     k_score, k_best = parts["score"], parts["best"].long()
+    # the selection (in the resident matching's last programs, or a launch of its own) on these scores
+    slot, agent_slot = merge.assign_slots(k_score, k_best, dst, *counts)
+    assert torch.equal(parts["slot"].long(), slot) and torch.equal(parts["agent_slot"].long(), agent_slot)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(k_score, score.float(), rtol=tolerance, atol=tolerance)
     # the index agrees wherever the best destination wins by more than the rounding
@@ -90,8 +94,9 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
     torch.testing.assert_close(unit_dst, unit[:, dst.index], rtol=tolerance, atol=tolerance)
     # the first launch of a shape autotunes; a later one launches the config found directly
     assert any(key[1:] == (x.shape[1], dst.index.numel(), channels, dtype) for key in kernels._matching_configs_found)
-    again = kernel_plan(x, dst).parts()
+    again = kernel_plan(x, dst, *counts).parts()
     assert torch.equal(again["score"], k_score) and torch.equal(again["best"], parts["best"])
+    assert torch.equal(again["slot"], parts["slot"]) and not again["counters"].any()
 
 
 @pytest.mark.parametrize("channels", [48, 272, 40], ids=["resident", "resident-3-parts", "looped"])
@@ -162,7 +167,7 @@ def test_looped_matching_split_over_destinations(torch_path, monkeypatch, fresh_
     launch = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda fn, grid, *a, **k: calls.append(grid) or launch(fn, grid, *a, **k))
     split = kernel_plan(x, dst).parts()
-    # prologue, matching over (row blocks, batch, 2 splits), combine, selection
+    # prologue, matching over (row blocks, batch, 2 splits), combine, selection (the looped matching's own)
     assert len(calls) == 4 and calls[1][2] == 2
     assert torch.equal(split["score"], whole["score"]) and torch.equal(split["best"], whole["best"])
     assert torch.equal(split["slot"], whole["slot"])
@@ -184,11 +189,10 @@ def test_assign_slots(torch_path, monkeypatch, fresh_layouts, merged, agents, ti
         score = torch.where(torch.isinf(score), score, (score * 4).round() / 4 - 1)
         assert score[0].unique().numel() < 10
     assert dst.index.numel() == 30
-    assert ("histogram" in parts) != one_program
+    assert (parts["counters"].shape[1] > 1) != one_program  # the radix passes' histograms
     parts["score"].copy_(score)
     parts["best"].copy_(best)
-    if "histogram" in parts:  # the prologue zeroes the radix passes' counts for the plan's one selection
-        parts["histogram"].zero_()
+    parts["counters"].zero_()  # as the prologue leaves them for the plan's one selection
     kernels._selection(parts, plan.shape, kernels._layout(plan.shape, x.device))
     expected = merge.assign_slots(score, best, dst, merged, agents)
     assert torch.equal(parts["slot"].long(), expected[0])
@@ -220,6 +224,11 @@ def test_merge_and_unmerge(torch_path, dtype, agents):
     y = torch.randn(2, plan.num_slots, 24, device=DEVICE, dtype=dtype)
     assert torch.equal(kernels.unmerge(y, plan), merge.unmerge(y, reference))
     assert torch.equal(kernels.unmerge(y[:, :, ::2], plan), merge.unmerge(y[:, :, ::2], reference))  # strided input
+    # with the block's residual added as it unmerges (channels-last, as SD 1.x block inputs): torch's sum
+    residual = (torch.randn(2, 24, x.shape[1], device=DEVICE) * 30).to(dtype).transpose(1, 2)
+    fused = kernels.unmerge(y, plan, residual)
+    assert fused.is_contiguous() and torch.equal(fused, merge.unmerge(y, reference) + residual)
+    assert torch.equal(merge.unmerge(y, reference, residual), merge.unmerge(y, reference) + residual)
 
 
 def test_phases_replay_their_recorded_launches(monkeypatch):
@@ -379,4 +388,5 @@ def test_custom_ops_agree_with_their_fakes(torch_path, agents):
     shape = plan.shape[1:]
     torch.library.opcheck(ops.merge, (x, plan.workspace, *shape, agents))
     y = torch.randn(2, plan.num_slots, 24, device=DEVICE, dtype=torch.float16)
-    torch.library.opcheck(ops.unmerge, (y, plan.workspace, *shape))
+    torch.library.opcheck(ops.unmerge, (y, plan.workspace, None, *shape))
+    torch.library.opcheck(ops.unmerge, (y, plan.workspace, torch.randn(2, x.shape[1], 24, device=DEVICE).half(), *shape))
