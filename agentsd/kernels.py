@@ -579,7 +579,7 @@ if triton is not None:
         HAS_AGENTS: tl.constexpr, SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         """Each destination slot: (own value + sum of its merged sources) / (1 + their count). Each
-        program reads its destinations' sums once and leaves them zero for the plan's next merge
+        program reads its destinations' sums once and then zeroes them for the plan's next merge
         (cross-attention, feed-forward)."""
         b = tl.program_id(1)
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -587,24 +587,25 @@ if triton is not None:
         token = tl.load(index_ptr + d, mask=ok, other=0)
         sums = sums_ptr + (b * D + d) * sums_width
         count = 1 + tl.load(sums + C, mask=ok, other=0)
-        tl.store(sums + C, tl.zeros([BLOCK_D], tl.int64), mask=ok)
         if HAS_AGENTS:
             agent_count = count + tl.load(sums + 2 * C + 1, mask=ok, other=0)
-            tl.store(sums + 2 * C + 1, tl.zeros([BLOCK_D], tl.int64), mask=ok)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             mask = ok[:, None] & (cols[None, :] < C)
             at = sums[:, None] + cols[None, :]
             own = tl.load(x_ptr + b * stride_xb + token[:, None] * stride_xn + cols[None, :], mask=mask, other=0.0)
             total = (own.to(tl.float32) * SCALE).to(tl.int64) + tl.load(at, mask=mask, other=0)
-            tl.store(at, tl.zeros([BLOCK_D, BLOCK_C], tl.int64), mask=mask)
             mean = total.to(tl.float32) * (1.0 / SCALE) / count[:, None].to(tl.float32)
             tl.store(merged_ptr + (b * num_slots + d[:, None]) * C + cols[None, :], mean.to(merged_ptr.dtype.element_ty), mask=mask)
             if HAS_AGENTS:
                 total += tl.load(at + C + 1, mask=mask, other=0)
-                tl.store(at + C + 1, tl.zeros([BLOCK_D, BLOCK_C], tl.int64), mask=mask)
                 mean = total.to(tl.float32) * (1.0 / SCALE) / agent_count[:, None].to(tl.float32)
                 tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
+        # Threads hold copies of the counts: all have read before any zeroes (no order between threads otherwise).
+        tl.debug_barrier()
+        for c0 in range(0, sums_width, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            tl.store(sums[:, None] + cols[None, :], tl.zeros([BLOCK_D, BLOCK_C], tl.int64), mask=ok[:, None] & (cols[None, :] < sums_width))
 
     @triton.jit
     def _unmerge_kernel(
@@ -785,13 +786,14 @@ def _plan_launches(x, workspace, shape: PlanShape, layout: Layout, downsample, m
     cell, sums, counters = parts["token_cell"], parts["sums"], parts["counters"]
     rest = max(n_tokens - shape.num_dst * shape.sy * shape.sx, counters.shape[1])
     block_rest = 1024 if not INTERPRET else 64
+    block_d = 8  # cells per program: enough programs to zero the sums (2.6 MB per block at 512px, agent stage)
     _launch(
-        _prologue_kernel, (_cdiv(shape.num_dst, 32) + _cdiv(rest, block_rest), batch),
+        _prologue_kernel, (_cdiv(shape.num_dst, block_d) + _cdiv(rest, block_rest), batch),
         x, timestep if mode == 1 else cell, seed & 0xFFFFFFFF, key if mode == 2 else 0,
         cell, parts["dst_index"], parts["dst_unit"], parts["score"], parts["best"], sums,
         counters, n_tokens, channels, shape.width, downsample, sums.shape[-1], counters.shape[1], *x.stride(),
         SY=shape.sy, SX=shape.sx, KEY=mode, CELL=_next_power_of_2(shape.sy * shape.sx),
-        BLOCK_D=32, BLOCK_C=min(64, max(16, _next_power_of_2(channels))), BLOCK_REST=block_rest,
+        BLOCK_D=block_d, BLOCK_C=min(64, max(16, _next_power_of_2(channels))), BLOCK_REST=block_rest,
     )  # fmt: skip
     _matching(x, parts, shape, layout)
     if not layout.select_in_matching:
