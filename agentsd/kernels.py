@@ -1,21 +1,29 @@
-"""Triton kernels of the merge plan and the merge, used on CUDA; merge.py's torch code is their reference.
+"""Triton kernels of the merge plan, the merge and the unmerge, used on CUDA; merge.py's torch code
+is their reference.
 
-Per block and call:
-- destinations: the block's destination pattern, from the call's timestep tensor, in one launch;
-- best_destination: the cosine similarity of every source to every destination, reduced to the
-  best one as it goes: the (B, N - D, D) similarity matrix is never written (1 GB per block at
-  2048px). Where they fit, a program's rows are loaded once and stay resident as the MMA's first
-  operand, in registers or partly in shared memory (SD 1.x and 2.x level 1). A launch before
-  gathers and normalises the destinations and gives them the score -inf;
-- assign_slots: which sources merge (the t best scores), by a selection of the t-th score (no
-  sort): one program per batch row up to 4096 tokens, else a radix selection in six launches;
-- merge_mean: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
+Per block and call, three phases (a block at 512px in eager mode is bound by the host, so each
+phase is as few launches as its data flow allows):
+- plan (steps 1-4): one workspace holds all of the plan (_layout).
+  - prologue: the destination pattern, drawn from the call's timestep tensor; the destinations'
+    rows L2-normalised, with score -inf; the merge's sums and the selection's counters zeroed;
+  - matching: the cosine similarity of every source to every destination, reduced to the best one
+    as it goes: the (B, N - D, D) similarity matrix is never written (1 GB per block at 2048px).
+    Where they fit, a program's rows are loaded once and stay resident as the MMA's first operand,
+    in registers or partly in shared memory (SD 1.x and 2.x level 1);
+  - selection: which sources merge (the t best scores), by a selection of the t-th score (no
+    sort): one program per batch row up to 4096 tokens (run by the resident matching's last
+    program of the row where it is used), else a radix selection in five launches;
+- merge: the merged sequence and the agents in one pass over x. Unmerged tokens are copied;
   merged sources are summed into their destination with atomics on 64-bit fixed point: integer
   addition does not depend on the order of the atomics, so results are deterministic (float atomics
   are not). The agents reuse the sums of the first plan (its merged sources are theirs too). The
   atomics are relaxed: nothing orders them (acq_rel, Triton's default, made the merge 2-3x slower).
+  A second launch divides by the counts and leaves the sums zero for the plan's next merge;
+- unmerge: every token the row of its slot, plus the block's residual where lean_forward asks.
 
-Under torch.compile each of these four launchers runs as a custom op (`torch.ops.agentsd.*`).
+A phase records its launches the first time it runs for a shape and replays them afterwards with
+the addresses of the call's tensors (_run). Under torch.compile each phase runs as a custom op
+(`torch.ops.agentsd.plan`, `.merge`, `.unmerge`).
 """
 
 import functools
