@@ -700,7 +700,7 @@ class Layout(NamedTuple):
     splits: int  # the looped matching's destination splits
     d_per_split: int
     radix_programs: int  # 0: the one-program selection
-    select_in_matching: bool  # the one-program selection runs in the resident matching's last programs
+    can_select_in_matching: bool  # the one-program selection may run in the resident matching's last programs
 
 
 _RADIX_BLOCK = 1024 if not INTERPRET else 64  # tokens per program of the radix selection
@@ -731,7 +731,7 @@ def _layout(shape: PlanShape, device: torch.device) -> Layout:
         parts["part_score"] = (torch.float32, (splits, batch, n_tokens))
         parts["part_best"] = (torch.int32, (splits, batch, n_tokens))
     radix_programs = 0 if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1) else _cdiv(n_tokens, _RADIX_BLOCK)
-    select_in_matching = resident is not None and not radix_programs
+    can_select_in_matching = resident is not None and not radix_programs
     # zeroed by the prologue, per batch row: the radix passes' histograms and done counters, or the
     # matching's count of finished programs
     parts["counters"] = (torch.int32, (batch, _HISTOGRAM if radix_programs else 1))
@@ -742,7 +742,7 @@ def _layout(shape: PlanShape, device: torch.device) -> Layout:
     for name, (dtype, part_shape) in parts.items():
         placed[name] = (size, dtype, part_shape)
         size += _cdiv(math.prod(part_shape) * dtype.itemsize, 128) * 128
-    return Layout(placed, size, resident, splits, d_per_split, radix_programs, select_in_matching)
+    return Layout(placed, size, resident, splits, d_per_split, radix_programs, can_select_in_matching)
 
 
 def _views(workspace: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
@@ -803,13 +803,13 @@ def _plan_launches(x, workspace, shape: PlanShape, layout: Layout, downsample, m
         SY=shape.sy, SX=shape.sx, KEY=mode, CELL=_next_power_of_2(shape.sy * shape.sx),
         BLOCK_D=block_d, BLOCK_C=min(64, max(16, _next_power_of_2(channels))), BLOCK_REST=block_rest,
     )  # fmt: skip
-    _matching(x, parts, shape, layout)
-    if not layout.select_in_matching:
+    if not _matching(x, parts, shape, layout):
         _selection(parts, shape, layout)
 
 
-def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> None:
-    """score and best of every source (step 2): its cosine similarity to its best destination."""
+def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> bool:
+    """score and best of every source (step 2): its cosine similarity to its best destination.
+    Whether the matching's last programs also selected the slots."""
     batch, n_tokens, channels = x.shape
     num_dst, dst_unit = shape.num_dst, parts["dst_unit"]
     dst_strides = (dst_unit.stride(0), dst_unit.stride(1))
@@ -821,10 +821,15 @@ def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> None:
         args = (x, dst_unit, parts["dst_index"], parts["score"], parts["best"], parts["token_cell"], parts["slot"],
                 parts.get("agent_slot", parts["slot"]), parts["counters"], n_tokens, num_dst, shape.width,
                 shape.num_merged, shape.num_agent_merged or 0)  # fmt: skip
-        _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, *x.stride(), *dst_strides, **flags,
-                         C_A=c_a, C_B=c_b, C_REST=c_rest, SELECT=layout.select_in_matching, HAS_AGENTS=has_agents,
-                         SELECT_BLOCK=_next_power_of_2(n_tokens))  # fmt: skip
-        return
+        args += (*x.stride(), *dst_strides)
+        meta = dict(**flags, C_A=c_a, C_B=c_b, C_REST=c_rest, HAS_AGENTS=has_agents, SELECT_BLOCK=_next_power_of_2(n_tokens))
+        config = _matching_config(_best_destination_resident_kernel, grid, x, num_dst, *args, **meta, SELECT=False)
+        # The selection's 32 sequential reductions want 8 warps or more (its own kernel's): with 4 a
+        # ToMe-stage plan at 512px took 70 us of GPU time against 53 us in two launches (H100). The
+        # interpreter selects there whatever the warps, so that the CPU tests run it.
+        select = layout.can_select_in_matching and (INTERPRET or config.num_warps >= 8)
+        _launch_matching(_best_destination_resident_kernel, grid, x, num_dst, *args, **meta, SELECT=select, config=config)
+        return select
     splits = layout.splits
     score, best = (parts["part_score"], parts["part_best"]) if splits > 1 else (parts["score"], parts["best"])
     grid = lambda meta: (_cdiv(n_tokens - num_dst, meta["BLOCK_M"]), batch, splits)  # noqa: E731
@@ -838,6 +843,7 @@ def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> None:
             score, best, parts["dst_index"], parts["score"], parts["best"], n_tokens, num_dst, shape.width, splits,
             SY=shape.sy, SX=shape.sx, BLOCK=block,
         )  # fmt: skip
+    return False
 
 
 def _selection(parts: dict, shape: PlanShape, layout: Layout) -> None:
@@ -1109,16 +1115,22 @@ def _destination_splits(batch: int, n_tokens: int, num_dst: int, device) -> int:
 _matching_configs_found = {}  # (kernel, N, D, C, dtype): the config its autotuner chose
 
 
-def _launch_matching(tuned, grid, x, num_dst: int, *args, **meta):
-    """Launch a matching kernel (autotune over heuristics over jit) through _launch with the config
-    its autotuner found for this key: the autotuner's and the heuristic's Python cost an eager block
-    at 512px (bound by the host) about 80 us under cProfile on an H100 host. The first launch of a
-    key runs the autotuner first."""
+def _matching_config(tuned, grid, x, num_dst: int, *args, **meta):
+    """The config the autotuner of a matching kernel chose for this key; the first call of a key runs
+    the autotuner (which launches the kernel with `args` and `meta`)."""
     key = (tuned, x.shape[1], num_dst, x.shape[2], x.dtype)
     config = _matching_configs_found.get(key)
     if config is None:
         tuned[grid](*args, **meta)
         config = _matching_configs_found[key] = tuned.best_config
+    return config
+
+
+def _launch_matching(tuned, grid, x, num_dst: int, *args, config=None, **meta):
+    """Launch a matching kernel (autotune over heuristics over jit) through _launch with its config
+    (by default _matching_config's): the autotuner's and the heuristic's Python cost an eager block
+    at 512px (bound by the host) about 80 us under cProfile on an H100 host."""
+    config = config or _matching_config(tuned, grid, x, num_dst, *args, **meta)
     even_d = num_dst % config.kwargs["BLOCK_D"] == 0
     _launch(tuned.fn.fn, grid(config.kwargs), *args, **meta, **config.all_kwargs(), EVEN_D=even_d)
 
