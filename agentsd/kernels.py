@@ -703,7 +703,7 @@ class Layout(NamedTuple):
     can_select_in_matching: bool  # the one-program selection may run in the resident matching's last programs
 
 
-_RADIX_BLOCK = 1024 if not INTERPRET else 64  # tokens per program of the radix selection
+_TOKEN_BLOCK = 1024 if not INTERPRET else 64  # tokens per program of the kernels over token positions
 _HISTOGRAM = 5 * 2048 + 3  # per batch row: the radix passes' histograms, then their done counters
 
 
@@ -730,7 +730,7 @@ def _layout(shape: PlanShape, device: torch.device) -> Layout:
     if splits > 1:  # each split writes its part; one more launch combines them
         parts["part_score"] = (torch.float32, (splits, batch, n_tokens))
         parts["part_best"] = (torch.int32, (splits, batch, n_tokens))
-    radix_programs = 0 if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1) else _cdiv(n_tokens, _RADIX_BLOCK)
+    radix_programs = 0 if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1) else _cdiv(n_tokens, _TOKEN_BLOCK)
     can_select_in_matching = resident is not None and not radix_programs
     # zeroed by the prologue, per batch row: the radix passes' histograms and done counters, or the
     # matching's count of finished programs
@@ -793,15 +793,14 @@ def _plan_launches(x, workspace, shape: PlanShape, layout: Layout, downsample, m
     batch, n_tokens, channels = x.shape
     cell, sums, counters = parts["token_cell"], parts["sums"], parts["counters"]
     rest = max(n_tokens - shape.num_dst * shape.sy * shape.sx, counters.shape[1])
-    block_rest = 1024 if not INTERPRET else 64
     block_d = 8  # cells per program: enough programs to zero the sums (2.6 MB per block at 512px, agent stage)
     _launch(
-        _prologue_kernel, (_cdiv(shape.num_dst, block_d) + _cdiv(rest, block_rest), batch),
+        _prologue_kernel, (_cdiv(shape.num_dst, block_d) + _cdiv(rest, _TOKEN_BLOCK), batch),
         x, timestep if mode == 1 else cell, seed & 0xFFFFFFFF, key if mode == 2 else 0,
         cell, parts["dst_index"], parts["dst_unit"], parts["score"], parts["best"], sums,
         counters, n_tokens, channels, shape.width, downsample, sums.shape[-1], counters.shape[1], *x.stride(),
         SY=shape.sy, SX=shape.sx, KEY=mode, CELL=_next_power_of_2(shape.sy * shape.sx),
-        BLOCK_D=block_d, BLOCK_C=min(64, max(16, _next_power_of_2(channels))), BLOCK_REST=block_rest,
+        BLOCK_D=block_d, BLOCK_C=min(64, max(16, _next_power_of_2(channels))), BLOCK_REST=_TOKEN_BLOCK,
     )  # fmt: skip
     if not _matching(x, parts, shape, layout):
         _selection(parts, shape, layout)
@@ -837,11 +836,10 @@ def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> bool:
     _launch_matching(_best_destination_kernel, grid, x, num_dst, *args, channels, shape.width, *x.stride()[:2],
                      *dst_strides, layout.d_per_split, **flags, BLOCK_C=min(64, max(16, _next_power_of_2(channels))))  # fmt: skip
     if splits > 1:
-        block = 1024 if not INTERPRET else 64
         _launch(
-            _combine_splits_kernel, (_cdiv(n_tokens - num_dst, block), batch),
+            _combine_splits_kernel, (_cdiv(n_tokens - num_dst, _TOKEN_BLOCK), batch),
             score, best, parts["dst_index"], parts["score"], parts["best"], n_tokens, num_dst, shape.width, splits,
-            SY=shape.sy, SX=shape.sx, BLOCK=block,
+            SY=shape.sy, SX=shape.sx, BLOCK=_TOKEN_BLOCK,
         )  # fmt: skip
     return False
 
@@ -866,13 +864,13 @@ def _selection(parts: dict, shape: PlanShape, layout: Layout) -> None:
     for radix_pass in range(3):
         _launch(
             _histogram_kernel, (programs, batch),
-            score, hist, done, threshold, n_tokens, *counts, PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=_RADIX_BLOCK,
+            score, hist, done, threshold, n_tokens, *counts, PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=_TOKEN_BLOCK,
         )  # fmt: skip
-    _launch(_below_counts_kernel, (programs, batch), score, cell, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=_RADIX_BLOCK)
+    _launch(_below_counts_kernel, (programs, batch), score, cell, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=_TOKEN_BLOCK)
     _launch(
         _slots_kernel, (programs, batch),
         score, best, cell, threshold, below, slot, agent_slot, n_tokens, shape.num_dst,
-        HAS_AGENTS=has_agents, BLOCK=_RADIX_BLOCK, MAX_PROGRAMS=_next_power_of_2(programs),
+        HAS_AGENTS=has_agents, BLOCK=_TOKEN_BLOCK, MAX_PROGRAMS=_next_power_of_2(programs),
     )  # fmt: skip
 
 
