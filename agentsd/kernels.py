@@ -932,8 +932,7 @@ def _unmerge(y, workspace, residual, num_tokens, channels, dtype, width, sy, sx,
         bases += (residual,)
 
     def launches():
-        offset, slot_dtype, slot_shape = layout.parts["slot"]
-        slot = workspace[offset : offset + math.prod(slot_shape) * 4].view(slot_dtype)
+        slot = _views(workspace, layout)["slot"]
         _launch(
             _unmerge_kernel, (_cdiv(num_tokens, block_t), _cdiv(out_channels, block_c), batch),
             y, slot, out if residual is None else residual, out, num_tokens, out_channels, *y.stride(),
