@@ -67,6 +67,13 @@ if triton is not None:
         return (_mix32((_mix32(cell.to(tl.int64) * 16 + downsample) + key) & 0xFFFFFFFF) % (SY * SX)).to(tl.int32)
 
     @triton.jit
+    def _zero_rows(rows, ok, width, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """Zero `width` int64 values from each of the row pointers `rows` where `ok`."""
+        for c0 in range(0, width, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            tl.store(rows[:, None] + cols[None, :], tl.zeros([BLOCK_ROWS, BLOCK], tl.int64), mask=ok[:, None] & (cols[None, :] < width))
+
+    @triton.jit
     def _rest_token(rest, N, W, SY: tl.constexpr, SX: tl.constexpr):
         """Position of the rest-th token outside the complete cells of an N-token grid W wide: those
         right of the cells, row by row, then those below them."""
@@ -128,10 +135,7 @@ if triton is not None:
                 mask = ok[:, None] & (cols[None, :] < C)
                 v = tl.load(rows[:, None] + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32) * inverse[:, None]
                 tl.store(dst_unit_ptr + (b * num_cells + cell[:, None]) * C + cols[None, :], v.to(dst_unit_ptr.dtype.element_ty), mask=mask)
-            sums = sums_ptr + (b * num_cells + cell) * sums_width
-            for c0 in range(0, sums_width, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)
-                tl.store(sums[:, None] + cols[None, :], tl.zeros([BLOCK_D, BLOCK_C], tl.int64), mask=ok[:, None] & (cols[None, :] < sums_width))
+            _zero_rows(sums_ptr + (b * num_cells + cell) * sums_width, ok, sums_width, BLOCK_D, BLOCK_C)
         else:
             rest = (tl.program_id(0) - cell_programs) * BLOCK_REST + tl.arange(0, BLOCK_REST)
             if b == 0:
@@ -611,9 +615,7 @@ if triton is not None:
                 tl.store(agents_ptr + (b * num_agents + d[:, None]) * C + cols[None, :], mean.to(agents_ptr.dtype.element_ty), mask=mask)
         # Threads hold copies of the counts: all have read before any zeroes (no order between threads otherwise).
         tl.debug_barrier()
-        for c0 in range(0, sums_width, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            tl.store(sums[:, None] + cols[None, :], tl.zeros([BLOCK_D, BLOCK_C], tl.int64), mask=ok[:, None] & (cols[None, :] < sums_width))
+        _zero_rows(sums, ok, sums_width, BLOCK_D, BLOCK_C)
 
     @triton.jit
     def _unmerge_kernel(
@@ -700,11 +702,15 @@ class Layout(NamedTuple):
     splits: int  # the looped matching's destination splits
     d_per_split: int
     radix_programs: int  # 0: the one-program selection
-    can_select_in_matching: bool  # the one-program selection may run in the resident matching's last programs
+
+    @property
+    def can_select_in_matching(self) -> bool:
+        """Whether the one-program selection may run in the resident matching's last programs."""
+        return self.resident is not None and not self.radix_programs
 
 
 _TOKEN_BLOCK = 1024 if not INTERPRET else 64  # tokens per program of the kernels over token positions
-_HISTOGRAM = 5 * 2048 + 3  # per batch row: the radix passes' histograms, then their done counters
+_HISTOGRAM = 5 * 2048 + 3  # int32 per batch row for the radix passes: B x 5 x 2048 histograms, then B x 3 done counters
 
 
 @functools.cache
@@ -731,8 +737,7 @@ def _layout(shape: PlanShape, device: torch.device) -> Layout:
         parts["part_score"] = (torch.float32, (splits, batch, n_tokens))
         parts["part_best"] = (torch.int32, (splits, batch, n_tokens))
     radix_programs = 0 if n_tokens <= min(ONE_PROGRAM_MAX_TOKENS, 2**15 - 1) else _cdiv(n_tokens, _TOKEN_BLOCK)
-    can_select_in_matching = resident is not None and not radix_programs
-    # zeroed by the prologue, per batch row: the radix passes' histograms and done counters, or the
+    # zeroed by the prologue: the radix passes' histograms and done counters, or per batch row the
     # matching's count of finished programs
     parts["counters"] = (torch.int32, (batch, _HISTOGRAM if radix_programs else 1))
     if radix_programs:
@@ -742,7 +747,7 @@ def _layout(shape: PlanShape, device: torch.device) -> Layout:
     for name, (dtype, part_shape) in parts.items():
         placed[name] = (size, dtype, part_shape)
         size += _cdiv(math.prod(part_shape) * dtype.itemsize, 128) * 128
-    return Layout(placed, size, resident, splits, d_per_split, radix_programs, can_select_in_matching)
+    return Layout(placed, size, resident, splits, d_per_split, radix_programs)
 
 
 def _views(workspace: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
@@ -1133,7 +1138,7 @@ def _launch_matching(tuned, grid, x, num_dst: int, *args, config=None, **meta):
 
 
 # Up to this many tokens (SD 512px, SDXL 1024px) one program per batch row selects and assigns the
-# slots: one launch instead of six, and less GPU time too (H100, batch 2, 4096 tokens: 19.5 against
+# slots: one launch instead of the radix selection's five, and less GPU time too (H100, batch 2, 4096 tokens: 19.5 against
 # 36 us, host 30-60 against 200 us). At 9216 tokens its GPU time is 3x that of the six launches
 # (scripts/results/2026-11-23-h100/kernels_acd48c4.md).
 ONE_PROGRAM_MAX_TOKENS = 4096

@@ -24,15 +24,12 @@ def inputs(dtype, batch=2, grid=merge.Grid(2, 12, 20), stride=(2, 4), channels=4
     return x, merge.choose_destinations(grid, *stride, seed=seed, timestep=500, device=DEVICE)
 
 
-def kernel_plan(x, dst, num_merged=None, num_agent_merged=None, seed=0, timestep=500):
-    """kernels.plan for x on the grid of `dst`, with the seed and timestep that inputs() drew it
-    with; 40% merged by default."""
-    num_tokens = x.shape[1]
-    num_merged = int(num_tokens * 0.4) if num_merged is None else num_merged
-    grid_height, width = num_tokens // dst.width, dst.width
-    downsample = 2 if (grid_height, width) == (12, 20) else 1  # inputs()'s default grid is level 2
+def kernel_plan(x, dst, num_merged=None, num_agent_merged=None, grid=merge.Grid(2, 12, 20), seed=0, timestep=500):
+    """kernels.plan for x on `grid` (inputs()'s default), whose destinations `dst` inputs() drew with
+    this seed and timestep; 40% merged by default."""
+    num_merged = int(x.shape[1] * 0.4) if num_merged is None else num_merged
     where = dict(seed=seed, timestep=timestep) if torch.is_tensor(timestep) else dict(key=merge.random_key(seed, timestep))
-    return kernels.plan(x, width, *dst.cell, downsample, num_merged, num_agent_merged, **where)
+    return kernels.plan(x, grid.width, *dst.cell, grid.downsample, num_merged, num_agent_merged, **where)
 
 
 @pytest.fixture
@@ -76,7 +73,7 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     score, best = merge.best_destination(x, dst)
     counts = merge.merge_counts(x.shape[1], dst.index.numel(), 0.4, 0.95)
-    parts = kernel_plan(x, dst, *counts).parts()
+    parts = kernel_plan(x, dst, *counts, grid=grid).parts()
     k_score, k_best = parts["score"], parts["best"].long()
     # the selection (in the resident matching's last programs, or a launch of its own) on these scores
     slot, agent_slot = merge.assign_slots(k_score, k_best, dst, *counts)
@@ -94,7 +91,7 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
     torch.testing.assert_close(unit_dst, unit[:, dst.index], rtol=tolerance, atol=tolerance)
     # the first launch of a shape autotunes; a later one launches the config found directly
     assert any(key[1:] == (x.shape[1], dst.index.numel(), channels, dtype) for key in kernels._matching_configs_found)
-    again = kernel_plan(x, dst, *counts).parts()
+    again = kernel_plan(x, dst, *counts, grid=grid).parts()
     assert torch.equal(again["score"], k_score) and torch.equal(again["best"], parts["best"])
     assert torch.equal(again["slot"], parts["slot"]) and not again["counters"].any()
 
@@ -103,10 +100,11 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
 def test_best_destination_ties_go_to_the_lower_index(torch_path, channels):
     """Every destination the same vector: each source ties across all of them, in every tile and
     accumulator slot, and must take destination 0, as torch's max does."""
-    x, dst = inputs(torch.float16, grid=merge.Grid(1, 17, 34), stride=(4, 4), channels=channels)
+    grid = merge.Grid(1, 17, 34)
+    x, dst = inputs(torch.float16, grid=grid, stride=(4, 4), channels=channels)
     x[:, dst.index] = x[:, :1]
     score, best = merge.best_destination(x, dst)
-    parts = kernel_plan(x, dst).parts()
+    parts = kernel_plan(x, dst, grid=grid).parts()
     sources = ~dst.is_dst
     assert dst.index.numel() > 16  # more than one destination tile (16 wide in the interpreter)
     assert (best[:, sources] == 0).all()
@@ -138,7 +136,7 @@ def test_every_resident_config(torch_path, monkeypatch, config):
     monkeypatch.setattr(kernels, "_recipes", {})  # launched anew with this config
     for metric in (x, tied):
         score, best = merge.best_destination(metric, dst)
-        parts = kernel_plan(metric, dst).parts()
+        parts = kernel_plan(metric, dst, grid=grid).parts()
         k_score, k_best = parts["score"], parts["best"].long()
         torch.testing.assert_close(k_score, score.float(), rtol=2e-3, atol=2e-3)
         unit = metric.float() / metric.float().norm(dim=-1, keepdim=True)
@@ -160,13 +158,13 @@ def test_looped_matching_split_over_destinations(torch_path, monkeypatch, fresh_
         x[:, dst.index] = x[:, :1]
     monkeypatch.setattr(kernels, "_recipes", {})
     monkeypatch.setattr(kernels, "_destination_splits", lambda *args: 1)
-    whole = kernel_plan(x, dst).parts()
+    whole = kernel_plan(x, dst, grid=grid).parts()
     kernels._layout.cache_clear()
     monkeypatch.setattr(kernels, "_destination_splits", lambda *args: 2)  # 32 destinations: 16 + 16; 1024: 512 + 512
     calls = []
     launch = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda fn, grid, *a, **k: calls.append(grid) or launch(fn, grid, *a, **k))
-    split = kernel_plan(x, dst).parts()
+    split = kernel_plan(x, dst, grid=grid).parts()
     # prologue, matching over (row blocks, batch, 2 splits), combine, selection (the looped matching's own)
     assert len(calls) == 4 and calls[1][2] == 2
     assert torch.equal(split["score"], whole["score"]) and torch.equal(split["best"], whole["best"])
