@@ -377,7 +377,7 @@ if triton is not None:
     # selection over its 32 bits in three histogram passes (11, 11, 10 bits). Each pass is a launch
     # over all tokens whose last program to finish reads the histogram and leaves the bits found so
     # far in `threshold`; two more launches count and assign. Up to ONE_PROGRAM_MAX_TOKENS one
-    # program per batch row holds all tokens and does everything by a bitwise search (one launch).
+    # program per batch row holds all tokens and does everything, 4 bits of the t-th key per step (one launch).
 
     @triton.jit
     def _order_key(score):
@@ -427,11 +427,32 @@ if triton is not None:
         sources before them in token order); destinations keep their cell's slot. equal_before and
         below_before: sources equal to / below the threshold in earlier blocks of the row."""
         equal = source & (key == threshold)
-        equal_rank = equal_before + tl.cumsum(equal.to(tl.int64), 0) - equal
+        below = source & (key < threshold)
+        # One scan counts both (a program holds fewer than 2**15 tokens): below in the low 16 bits
+        packed = below.to(tl.int32) + (equal.to(tl.int32) << 16)
+        before = tl.cumsum(packed, 0) - packed
+        equal_rank = equal_before + (before >> 16)
         merged = source & ((key > threshold) | (equal & (equal_rank < equal_wanted)))
-        unmerged = source & ~merged
-        unmerged_rank = below_before + tl.maximum(equal_before - equal_wanted, 0) + tl.cumsum(unmerged.to(tl.int64), 0) - unmerged
+        unmerged_rank = below_before + (before & 0xFFFF) + tl.maximum(equal_rank - equal_wanted, 0)
         return tl.where(source, tl.where(merged, best, D + unmerged_rank), own_slot)
+
+    @triton.jit
+    def _kth_key(key, ok, k, DIGIT_BITS: tl.constexpr):
+        """The k-th largest of the keys where ok, and how many keys equal to it are among the k
+        largest: from the top, DIGIT_BITS per step, each step a histogram of the next digit of the
+        keys that share the digits found so far."""
+        bins = tl.arange(0, 1 << DIGIT_BITS)
+        found = tl.zeros([], dtype=tl.int64)
+        left = k
+        for step in tl.static_range(32 // DIGIT_BITS):
+            shift = 32 - DIGIT_BITS * (step + 1)
+            sharing = ok & ((key >> (shift + DIGIT_BITS)) == (found >> (shift + DIGIT_BITS)))
+            count = tl.histogram(((key >> shift) & ((1 << DIGIT_BITS) - 1)).to(tl.int32), 1 << DIGIT_BITS, mask=sharing)
+            through = tl.cumsum(count, 0, reverse=True)  # keys of this digit or above
+            chosen = tl.max(tl.where(through >= left, bins, -1), 0)
+            left -= tl.sum(tl.where(bins == chosen, through - count, 0), 0)
+            found |= chosen.to(tl.int64) << shift
+        return found, left
 
     @triton.jit
     def _select_row(
@@ -440,28 +461,24 @@ if triton is not None:
     ):  # fmt: skip
         """The selection and slots of batch row b in one program, all N (< 2**15) keys in registers.
 
-        The k-th largest key is decided bit by bit from the top: a bit is set when at least k keys
-        reach the bits so far with it set. 32 counts, whatever the scores (histograms of the UNet's
-        scores, which crowd into a few bins, serialise on their atomics). Both targets are counted
-        in one sum: the merged plan's count in the low 16 bits, the agents' above.
-        """
+        The t-th largest key is found 4 bits at a time (8 histograms of 16 bins per target): 17 us per
+        agent-stage plan at 4096 tokens on an H100, against 34 us bit by bit (32 block-wide counts)
+        and 30 us with 8-bit digits (scripts/results/2026-11-24-h100/selection_digits.md). A warp
+        counts its keys for tl.histogram with ballots, not atomics: scores that crowd into one bin
+        (the UNet's do) cost the same (the radix passes' histograms over many programs serialised
+        on their atomics there)."""
         p = tl.arange(0, BLOCK)
         ok = p < N
         key, source, own_slot = _selection_keys(score_ptr, token_cell_ptr, b, p, ok, N)
         key = tl.where(ok, key, -1)  # padding reaches no threshold
-        merged_key = tl.zeros([], dtype=tl.int64)
-        agent_key = tl.zeros([], dtype=tl.int64)
-        for bit in tl.static_range(31, -1, -1):
-            merged_try, agent_try = merged_key | (1 << bit), agent_key | (1 << bit)
-            reaching = tl.sum((key >= merged_try).to(tl.int32) + ((key >= agent_try).to(tl.int32) << 16), 0)
-            merged_key = tl.where((reaching & 0xFFFF) >= num_merged, merged_try, merged_key)
-            agent_key = tl.where((reaching >> 16) >= num_agent_merged, agent_try, agent_key)
-        above = tl.sum((key > merged_key).to(tl.int32) + ((key > agent_key).to(tl.int32) << 16), 0)
+        merged_key, merged_equal = _kth_key(key, ok, num_merged, 4)
+        if HAS_AGENTS:
+            agent_key, agent_equal = _kth_key(key, ok, num_agent_merged, 4)
         best = tl.load(best_ptr + b * N + p, mask=ok, other=0, cache_modifier=".cg")
-        slot = _slots(key, source, best, own_slot, merged_key, num_merged - (above & 0xFFFF), 0, 0, D)
+        slot = _slots(key, source, best, own_slot, merged_key, merged_equal, 0, 0, D)
         tl.store(slot_ptr + b * N + p, slot, mask=ok)
         if HAS_AGENTS:
-            slot = _slots(key, source, best, own_slot, agent_key, num_agent_merged - (above >> 16), 0, 0, D)
+            slot = _slots(key, source, best, own_slot, agent_key, agent_equal, 0, 0, D)
             tl.store(agent_slot_ptr + b * N + p, slot, mask=ok)
 
     @triton.jit
@@ -828,7 +845,7 @@ def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> bool:
         args += (*x.stride(), *dst_strides)
         meta = dict(**flags, C_A=c_a, C_B=c_b, C_REST=c_rest, HAS_AGENTS=has_agents, SELECT_BLOCK=_next_power_of_2(n_tokens))
         config = _matching_config(_best_destination_resident_kernel, grid, x, num_dst, *args, **meta, SELECT=False)
-        # The selection's 32 sequential reductions want 8 warps or more (its own kernel's): with 4 a
+        # The selection's sequential steps want 8 warps or more (its own kernel's): with 4 a
         # ToMe-stage plan at 512px took 70 us of GPU time against 53 us in two launches (H100). The
         # interpreter selects there whatever the warps, so that the CPU tests run it.
         select = layout.can_select_in_matching and (INTERPRET or config.num_warps >= 8)
@@ -914,7 +931,9 @@ def _merge_launches(x, workspace, shape: PlanShape, layout: Layout, merged, agen
         n_tokens, channels, num_dst, merged.shape[1], agents.shape[1], sums.shape[-1], x.stride(0), x.stride(1),
         HAS_AGENTS=with_agents, SCALE=_FIXED_POINT, BLOCK_T=block_t, BLOCK_C=block_c,
     )  # fmt: skip
-    block_d = 16
+    # 4 destinations per program: enough programs for the few destinations of the agent stage (256 at
+    # 4096 tokens): merge 45 -> 40 us at SDXL 1024px level 2, ToMe stage 26 -> 20 us (16 before; H100)
+    block_d = 4
     _launch(
         _destination_mean_kernel, (_cdiv(num_dst, block_d), batch),
         x, parts["dst_index"], sums, merged, agents, num_dst, channels, merged.shape[1], agents.shape[1], sums.shape[-1],

@@ -5,7 +5,10 @@ host-bound). The plan with the one-program selection (used up to kernels.ONE_PRO
 timed up to 9216 tokens.
 
     python scripts/kernel_benchmark.py
+    python scripts/kernel_benchmark.py --channels 640 --max-tokens 4096    # SDXL 1024px, level 2
 """
+
+import argparse
 
 import torch
 
@@ -29,19 +32,23 @@ def selection_up_to(max_tokens: int) -> None:
     kernels._recipes.clear()
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, default=320)
+    parser.add_argument("--max-tokens", type=int, default=65536)
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     default_max = kernels.ONE_PROGRAM_MAX_TOKENS
     timestep = torch.tensor(981.0, device="cuda")
-    for n_tokens, cell, t, t_a in SHAPES:
+    for n_tokens, cell, t, t_a in [shape for shape in SHAPES if shape[0] <= args.max_tokens]:
         side = int(n_tokens**0.5)
-        x = (torch.randn(2, n_tokens, 320, device="cuda") * 20).half()
+        x = (torch.randn(2, n_tokens, args.channels, device="cuda") * 20).half()
         # The UNet's block inputs share a large common direction: their scores crowd near 1.
-        crowded = x + 60 * torch.randn(320, device="cuda").half()
+        crowded = x + 60 * torch.randn(args.channels, device="cuda").half()
         plan = lambda x=x: kernels.plan(x, side, cell, cell, 1, t, t_a, seed=0, timestep=timestep)  # noqa: E731
         block_plan = plan()
         y = x[:, : n_tokens - t].contiguous()
-        print(f"N={n_tokens} cell={cell} D={block_plan.shape.num_dst} t={t} t_a={t_a}")
+        print(f"N={n_tokens} C={args.channels} cell={cell} D={block_plan.shape.num_dst} t={t} t_a={t_a}")
         steps = [
             (0, "plan, radix selection", plan),
             (10**9, "plan, one-program selection", plan),

@@ -4,6 +4,7 @@ time, host milliseconds per eager call, and kernel launches per call (torch.prof
 
     python scripts/profile_call.py --configs sd15-512 sd15-1024 --variants sdpa agent tome
     python scripts/profile_call.py --configs sdxl-1024 --variants sdpa agent --python
+    python scripts/profile_call.py --configs sdxl-1024 --variants sdpa agent --compile-mode reduce-overhead
 """
 
 import argparse
@@ -16,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from speed_benchmark import CONFIGS, unet_inputs, variant
+from timing import median_ms
 from agentsd.models import unet_from_config
 
 
@@ -28,6 +30,8 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--python", action="store_true", help="also profile the host's Python with cProfile")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead"],
+                        help="profile the torch.compile'd UNet (fullgraph) in this mode")  # fmt: skip
     parser.add_argument("--dump", default=None, help="with --python, save each variant's cProfile stats in this folder")
     args = parser.parse_args(argv)
     for config in args.configs:
@@ -36,21 +40,27 @@ def main(argv=None):
         inputs = unet_inputs(unet, kind, size, torch.device("cuda"))
         for name in args.variants:
             with variant(unet, kind, name, args.ratio, inputs[0].shape[-2:]):
+                model = unet
+                if args.compile_mode:
+                    torch._dynamo.reset()
+                    model = torch.compile(unet, fullgraph=True, mode=args.compile_mode)
+                call = lambda: model(*inputs)  # noqa: E731
                 for _ in range(5):
-                    unet(*inputs)
+                    call()
+                print(f"\n== {config} {name}: median {median_ms(call, 20):.2f} ms per call (CUDA events)")
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(args.calls):
-                    unet(*inputs)
+                    call()
                 host_ms = (time.perf_counter() - start) * 1e3 / args.calls  # launch time: the GPU queue is not drained
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     for _ in range(args.calls):
-                        unet(*inputs)
+                        call()
                     torch.cuda.synchronize()
                 if args.python:
                     python = cProfile.Profile()
-                    python.runcall(lambda: [unet(*inputs) for _ in range(args.calls)])
+                    python.runcall(lambda: [call() for _ in range(args.calls)])
             events = prof.key_averages()
             launches = sum(e.count for e in events if "LaunchKernel" in e.key) / args.calls
             device_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)

@@ -48,6 +48,7 @@ SCHEDULE = {"agent": 0.4, "tome": 0.6}  # the paper's split of the trajectory
 TOP_LEVEL = {"sd15": 1, "sd21": 1, "sdxl": 2}
 EAGER_TURN = 5  # timed eager calls of a variant in a row (after 3 untimed)
 COMPILE_TURNS = 4  # turns of the compiled variants, each timing reps / 4 calls
+IN_A_ROW = 5  # compiled calls timed in a row, as a denoising loop issues them
 
 
 def main(argv=None):
@@ -228,7 +229,12 @@ def compiled_turns(unet, kind, names, ratio, inputs, reps, compile_mode=None, ba
     last several calls: timed one after another, a variant could meet a spell that the others missed
     (the agent stage at 0.84x in one run, 1.40x in the next on the same H100 host,
     scripts/results/2026-11-24-h100/speed_compile_ded7c34.md). Patching the UNet anew for each turn
-    would recompile (new processors, new hooks), so each variant patches and compiles its own copy."""
+    would recompile (new processors, new hooks), so each variant patches and compiles its own copy.
+
+    A time is that of IN_A_ROW calls issued back to back, per call: in a denoising loop the host
+    prepares a compiled call (guards, CUDA-graph launch: ~7 ms at SDXL 1024px with
+    reduce-overhead) while the GPU runs the one before. Timed one by one with a sync between them,
+    every call would also pay that host time, which the GPU then waits for."""
     torch._dynamo.reset()
     calls, errors = {}, {}
     with contextlib.ExitStack() as patched:
@@ -245,8 +251,13 @@ def compiled_turns(unet, kind, names, ratio, inputs, reps, compile_mode=None, ba
         times = {name: [] for name in calls}
         for _ in range(turns):
             for name, compiled in calls.items():
-                times[name] += times_ms(lambda: compiled(*inputs), max(1, reps // turns), warmup=1)
+                times[name] += [t / IN_A_ROW for t in times_ms(lambda: in_a_row(compiled, inputs), max(1, reps // turns), warmup=1)]
     return times, errors
+
+
+def in_a_row(compiled, inputs, calls=IN_A_ROW):
+    for _ in range(calls):
+        compiled(*inputs)  # the output is dropped, as a loop drops it after its step
 
 
 @torch.no_grad()
