@@ -20,13 +20,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_processors import blocks_up_to
-from speed_benchmark import CONFIGS, TOP_LEVEL, in_a_row, unet_inputs, variant
+from speed_benchmark import ALL_VARIANTS, CONFIGS, TOP_LEVEL, in_a_row, unet_inputs, variant
 from timing import cuda_graph, times_ms
 from agentsd.models import unet_from_config
 
 
 class Level(torch.nn.Module):
-    """The blocks of one level run one after another on (B, N, C) tokens, as their Transformer2DModels call them."""
+    """The transformer blocks of one level, one after another on (B, N, C) tokens (the resnets and
+    projections between them, the same in every variant, left out)."""
 
     def __init__(self, blocks):
         super().__init__()
@@ -42,12 +43,15 @@ class Level(torch.nn.Module):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="sdxl-1024", choices=sorted(CONFIGS))
-    parser.add_argument("--variants", nargs="+", default=["sdpa", "agent", "free-agent", "tome", "free-tome"])
+    parser.add_argument("--variants", nargs="+", default=["sdpa", "agent", "free-agent", "tome", "free-tome"],
+                        choices=[name for name in ALL_VARIANTS if name != "tomesd"])  # fmt: skip
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--modes", nargs="+", default=["graph", "compile"], choices=["graph", "compile"])
     parser.add_argument("--reps", type=int, default=30, help="timed replays of 10 calls each, per mode and variant")
     parser.add_argument("--profile", type=int, default=12, help="kernels listed per compiled variant (0: no profile)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (CUDA graphs, reduce-overhead compiles); on the CPU speed_benchmark.py runs a smoke test")
 
     kind, size = CONFIGS[args.config]
     unet = unet_from_config(kind).to("cuda", torch.float16).eval()
