@@ -47,7 +47,7 @@ def main(argv=None):
                 call = lambda: model(*inputs)  # noqa: E731
                 for _ in range(5):
                     call()
-                print(f"\n== {config} {name}: median {median_ms(call, 20):.2f} ms per call (CUDA events)")
+                print(f"\n== {config} {name}: median {median_ms(call, 20):.2f} ms per call, timed one by one (CUDA events)")
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(args.calls):

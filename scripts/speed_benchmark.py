@@ -47,7 +47,7 @@ STAGES = {"agent": dict(sx=4, sy=4, agent_ratio=0.95), "tome": dict(sx=2, sy=2, 
 SCHEDULE = {"agent": 0.4, "tome": 0.6}  # the paper's split of the trajectory
 TOP_LEVEL = {"sd15": 1, "sd21": 1, "sdxl": 2}
 EAGER_TURN = 5  # timed eager calls of a variant in a row (after 3 untimed)
-COMPILE_TURNS = 4  # turns of the compiled variants, each timing reps / 4 calls
+COMPILE_TURNS = 4  # turns of the compiled variants, each timing reps / 4 rows of IN_A_ROW calls
 IN_A_ROW = 5  # compiled calls timed in a row, as a denoising loop issues them
 
 
