@@ -173,7 +173,7 @@ def test_looped_matching_split_over_destinations(torch_path, monkeypatch, fresh_
         assert (split["best"][:, ~dst.is_dst] == 0).all()
 
 
-@pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210)])  # 210: every source
+@pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210), (1, 1)])  # 210: every source
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("one_program", [True, False], ids=["one-program", "radix-launches"])
 def test_assign_slots(torch_path, monkeypatch, fresh_layouts, merged, agents, ties, one_program):
