@@ -377,7 +377,7 @@ if triton is not None:
     # selection over its 32 bits in three histogram passes (11, 11, 10 bits). Each pass is a launch
     # over all tokens whose last program to finish reads the histogram and leaves the bits found so
     # far in `threshold`; two more launches count and assign. Up to ONE_PROGRAM_MAX_TOKENS one
-    # program per batch row holds all tokens and does everything, 4 bits of the t-th key per step (one launch).
+    # program per batch row holds all tokens and does everything (one launch, _select_row).
 
     @triton.jit
     def _order_key(score):
@@ -470,7 +470,6 @@ if triton is not None:
         p = tl.arange(0, BLOCK)
         ok = p < N
         key, source, own_slot = _selection_keys(score_ptr, token_cell_ptr, b, p, ok, N)
-        key = tl.where(ok, key, -1)  # padding reaches no threshold
         merged_key, merged_equal = _kth_key(key, ok, num_merged, 4)
         if HAS_AGENTS:
             agent_key, agent_equal = _kth_key(key, ok, num_agent_merged, 4)
@@ -1157,9 +1156,9 @@ def _launch_matching(tuned, grid, x, num_dst: int, *args, config=None, **meta):
 
 
 # Up to this many tokens (SD 512px, SDXL 1024px) one program per batch row selects and assigns the
-# slots: one launch instead of the radix selection's five, and less GPU time too (H100, batch 2, 4096 tokens: 19.5 against
-# 36 us, host 30-60 against 200 us). At 9216 tokens its GPU time is 3x that of the six launches
-# (scripts/results/2026-11-23-h100/kernels_acd48c4.md).
+# slots: one launch instead of the radix selection's five, and less GPU time too (H100, batch 2,
+# 4096 tokens, whole plans: 41.6 / 44.8 us against 54.4 / 54.5 us, agent / ToMe stage). At 9216 tokens
+# its plans take 1.8x / 2.3x the radix selection's (scripts/results/2026-11-24-h100/kernel_benchmark_fc7256c.txt).
 ONE_PROGRAM_MAX_TOKENS = 4096
 
 

@@ -53,7 +53,7 @@ for agents in (False, True):
     check(k._slots_kernel, {"HAS_AGENTS": agents, "BLOCK": 1024, "MAX_PROGRAMS": 16})
     check(k._one_program_slots_kernel, {"HAS_AGENTS": agents, "BLOCK": 4096}, num_warps=8)
     check(k._scatter_kernel, {"HAS_AGENTS": agents, "SCALE": 2.0**24, "BLOCK_T": 32, "BLOCK_C": 64})
-    check(k._destination_mean_kernel, {"HAS_AGENTS": agents, "SCALE": 2.0**24, "BLOCK_D": 16, "BLOCK_C": 64})
+    check(k._destination_mean_kernel, {"HAS_AGENTS": agents, "SCALE": 2.0**24, "BLOCK_D": 4, "BLOCK_C": 64})
 for residual in (False, True):
     check(k._unmerge_kernel, {"RESIDUAL": residual, "BLOCK_T": 32, "BLOCK_C": 64})
 for even_d in (True, False):
