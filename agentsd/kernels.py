@@ -1162,20 +1162,30 @@ def _launch_matching(tuned, grid, x, num_dst: int, *args, config=None, **meta):
 ONE_PROGRAM_MAX_TOKENS = 4096
 
 
+# The ops are defined with torch.library.define / impl, not torch.library.custom_op, whose Python
+# wrappers (autograd and checks at every call) cost several microseconds per call on the host
+# (pytorch/pytorch#139500, #177109), and a compiled call in the default mode is bound by the host.
+_library = torch.library.Library("agentsd", "DEF")
+
+
 def _compilable(schema: str, launch, fake, outputs: int, device_at: int = 0):
     """`launch` as it is in eager calls and CUDA graphs; under torch.compile a custom op, which dynamo
     records as one opaque call with `fake`'s output shapes and which runs `launch` at run time
     (dynamo cannot trace Triton's autotuner). The op returns a list: the `outputs` results of
     `launch` without its trailing Nones, put back here. Eager calls skip the dispatcher's host time
     and run on the device of argument `device_at` (a tensor or a device)."""
-    name, _, arguments = schema.partition("(")
+    name = schema.partition("(")[0]
 
     def on_device(*args, **kwargs):
         return _run_on(_device_index(args[device_at]), launch, args, kwargs)
 
     without_none = lambda fn: lambda *args: [t for t in fn(*args) if t is not None]  # noqa: E731
-    op = torch.library.custom_op(f"agentsd::{name}", without_none(on_device), mutates_args=(), schema=f"({arguments}")
-    op.register_fake(without_none(fake))
+    _library.define(schema)
+    # every backend (CUDA; the CPU under Triton's interpreter in the tests); no autograd kernel:
+    # the merge has no gradient, and the dispatcher's own fallback costs no Python
+    _library.impl(name, without_none(on_device), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"agentsd::{name}", without_none(fake), lib=_library)
+    op = getattr(torch.ops.agentsd, name).default
     signature = inspect.signature(launch)
 
     @functools.wraps(launch)
