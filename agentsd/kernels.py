@@ -519,7 +519,7 @@ if triton is not None:
         tl.debug_barrier()  # this program's counts are in before it reports done
         if tl.atomic_add(done_ptr + b * 3 + PASS, 1, sem="acq_rel") == tl.num_programs(0) - 1:
             for target in tl.static_range(1 + HAS_AGENTS):
-                k = (num_merged if target == 0 else num_agent_merged).to(tl.int64)
+                k = tl.cast(num_merged if target == 0 else num_agent_merged, tl.int64)  # a constant where it is 1
                 state = threshold_ptr + (b * 2 + target) * 2
                 prefix = tl.load(state) if PASS > 0 else 0
                 remaining = tl.load(state + 1) if PASS > 0 else k

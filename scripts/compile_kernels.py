@@ -28,19 +28,27 @@ def check(kernel, constexprs, **options):
     fn = kernel
     while type(fn).__name__ != "JITFunction":
         fn = fn.fn
+    compile_for(fn, constexprs, options)
+    # Triton specializes an int argument equal to 1 into the constant 1 (a Python int in the kernel,
+    # without tensor methods such as .to): compile once more with every int argument 1
+    ints = [name for name in fn.arg_names if name not in constexprs and not name.endswith("_ptr")]
+    compile_for(fn, {**constexprs, **dict.fromkeys(ints, 1)}, options, "(ints = 1)")
+
+
+def compile_for(fn, constexprs, options, label=""):
     signature = {
         name: "constexpr" if name in constexprs else "*" + POINTERS.get(name, "i32") if name.endswith("_ptr") else "i32"
         for name in fn.arg_names
     }
     try:
         triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
-        print("ok", fn.__name__, constexprs, flush=True)
+        print("ok", fn.__name__, label or constexprs, flush=True)
     except Exception as e:
         message = str(e)
         if "ptxas" in message or "PTXAS" in message or "nvcc" in message.lower() or "libcuda" in message:
             print("frontend ok (no ptxas)", fn.__name__, constexprs, message[:100])
         else:
-            print("FAIL", fn.__name__, constexprs, message[-1500:])
+            print("FAIL", fn.__name__, label or constexprs, message[-1500:])
             failures.append(fn.__name__)
 
 
