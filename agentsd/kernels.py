@@ -1163,8 +1163,9 @@ ONE_PROGRAM_MAX_TOKENS = 4096
 
 
 # The ops are defined with torch.library.define / impl, not torch.library.custom_op, whose Python
-# wrappers (autograd and checks at every call) cost several microseconds per call on the host
-# (pytorch/pytorch#139500, #177109), and a compiled call in the default mode is bound by the host.
+# wrappers (autograd and checks at every call, pytorch/pytorch#139500) cost a compiled call in the
+# default mode, bound by the host, 60-90 us of host time per op (SDXL 1024 on an H100 host,
+# scripts/results/2026-11-24-h100/custom_op_ab.txt).
 _library = torch.library.Library("agentsd", "DEF")
 
 

@@ -46,7 +46,7 @@ def compile_for(fn, constexprs, options, label=""):
     except Exception as e:
         message = str(e)
         if "ptxas" in message or "PTXAS" in message or "nvcc" in message.lower() or "libcuda" in message:
-            print("frontend ok (no ptxas)", fn.__name__, constexprs, message[:100])
+            print("frontend ok (no ptxas)", fn.__name__, label or constexprs, message[:100])
         else:
             print("FAIL", fn.__name__, label or constexprs, message[-1500:])
             failures.append(fn.__name__)
