@@ -1180,13 +1180,22 @@ def _compilable(schema: str, launch, fake, outputs: int, device_at: int = 0):
     def on_device(*args, **kwargs):
         return _run_on(_device_index(args[device_at]), launch, args, kwargs)
 
-    without_none = lambda fn: lambda *args: [t for t in fn(*args) if t is not None]  # noqa: E731
     _library.define(schema)
     # every backend (CUDA; the CPU under Triton's interpreter in the tests); no autograd kernel:
     # the merge has no gradient, and the dispatcher's own fallback costs no Python
-    _library.impl(name, without_none(on_device), "CompositeExplicitAutograd")
-    torch.library.register_fake(f"agentsd::{name}", without_none(fake), lib=_library)
-    op = getattr(torch.ops.agentsd, name).default
+    _library.impl(name, _without_none(on_device), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"agentsd::{name}", _without_none(fake), lib=_library)
+    return _eager_or_op(launch, on_device, getattr(torch.ops.agentsd, name).default, outputs)
+
+
+def _without_none(fn):
+    """fn with its results as a list without the Nones: an op's Tensor[]."""
+    return lambda *args: [t for t in fn(*args) if t is not None]
+
+
+def _eager_or_op(launch, on_device, op, outputs: int):
+    """on_device in eager calls; under torch.compile `op` on launch's arguments (defaults filled in),
+    its list of results padded back to `outputs` with Nones."""
     signature = inspect.signature(launch)
 
     @functools.wraps(launch)

@@ -40,6 +40,17 @@ class Level(torch.nn.Module):
         return x
 
 
+def patched_level(unet, kind: str, name: str, ratio: float, sample, timestep, patched: contextlib.ExitStack) -> Level:
+    """The top merged level's blocks of a copy of `unet` patched as variant `name`, which stays
+    patched until `patched` closes, with the per-call state a UNet call on (sample, timestep) sets."""
+    own = copy.deepcopy(unet)
+    patched.enter_context(variant(own, kind, name, ratio, sample.shape[-2:]))
+    patch = own.__dict__.get("_agentsd")
+    if patch is not None:
+        patch.before_unet(own, (sample, timestep), {})
+    return Level([block for _, block in blocks_up_to(own, TOP_LEVEL[kind])])
+
+
 @torch.no_grad()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,12 +79,7 @@ def main(argv=None):
     calls = {}
     patched = contextlib.ExitStack()  # every variant stays patched on its own copy of the UNet until the end
     for name in args.variants:
-        own = copy.deepcopy(unet)
-        patched.enter_context(variant(own, kind, name, args.ratio, sample.shape[-2:]))
-        patch = own.__dict__.get("_agentsd")
-        if patch is not None:  # the per-call state a UNet call would set
-            patch.before_unet(own, (sample, timestep), {})
-        blocks = Level([block for _, block in blocks_up_to(own, level)])
+        blocks = patched_level(unet, kind, name, args.ratio, sample, timestep, patched)
         for mode in args.modes:
             if mode == "graph":
                 calls[mode, name] = cuda_graph(lambda blocks=blocks: blocks(x, context), 10).replay

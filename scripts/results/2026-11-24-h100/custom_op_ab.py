@@ -2,13 +2,12 @@
 default mode, where they are bound by the host: the kernels' ops defined with torch.library.define /
 impl (now) against torch.library.custom_op (before), in one process, variants taking turns.
 Run from the repo root: PYTHONPATH=.:scripts python scripts/results/2026-11-24-h100/custom_op_ab.py"""
-import contextlib, copy, inspect, statistics, torch
+import contextlib, statistics, torch
 
 from agentsd import kernels
 from agentsd.models import unet_from_config
-from bench_processors import blocks_up_to
-from level_benchmark import Level
-from speed_benchmark import TOP_LEVEL, in_a_row, unet_inputs, variant
+from level_benchmark import patched_level
+from speed_benchmark import in_a_row, unet_inputs
 from timing import host_us, times_ms
 
 NAMES = ("_plan", "_merge", "_unmerge")
@@ -22,20 +21,9 @@ def as_custom_op(name):
     schema = str(getattr(torch.ops.agentsd, name[1:]).default._schema).removeprefix("agentsd::")
     op_name, _, arguments = schema.partition("(")
     on_device = lambda *args: kernels._run_on(kernels._device_index(args[0]), launch, args, {})  # noqa: E731
-    without_none = lambda fn: lambda *args: [t for t in fn(*args) if t is not None]  # noqa: E731
-    op = torch.library.custom_op(f"agentsd_ab::{op_name}", without_none(on_device), mutates_args=(), schema=f"({arguments}")
-    op.register_fake(without_none(fake))
-    signature = inspect.signature(launch)
-
-    def call(*args, **kwargs):
-        if not torch.compiler.is_compiling():
-            return on_device(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        out = op(*bound.args)
-        return (*out, *[None] * (outputs - len(out)))
-
-    return call
+    op = torch.library.custom_op(f"agentsd_ab::{op_name}", kernels._without_none(on_device), mutates_args=(), schema=f"({arguments}")
+    op.register_fake(kernels._without_none(fake))
+    return kernels._eager_or_op(launch, on_device, op, outputs)
 
 
 now = {name: getattr(kernels, name) for name in NAMES}
@@ -57,18 +45,12 @@ torch._dynamo.config.cache_size_limit = 64
 with torch.no_grad(), contextlib.ExitStack() as patched:
     unet = unet_from_config("sdxl").to("cuda", torch.float16).eval()
     sample, timestep, context = unet_inputs(unet, "sdxl", 1024, torch.device("cuda"))[:3]
-    level = TOP_LEVEL["sdxl"]
     x = torch.randn(2, 64 * 64, 640, device="cuda", dtype=torch.float16)
     print(torch.cuda.get_device_name(), torch.__version__, "SDXL 1024 level 2, ratio 0.4, compile mode default")
     calls = {}
     for label, name, which in [("sdpa", "sdpa", now), ("agent define/impl", "agent", now), ("agent custom_op", "agent", before),
                                ("tome define/impl", "tome", now), ("tome custom_op", "tome", before)]:
-        own = copy.deepcopy(unet)
-        patched.enter_context(variant(own, "sdxl", name, 0.4, sample.shape[-2:]))
-        patch = own.__dict__.get("_agentsd")
-        if patch is not None:
-            patch.before_unet(own, (sample, timestep), {})
-        compiled = torch.compile(Level([block for _, block in blocks_up_to(own, level)]), fullgraph=True)
+        compiled = torch.compile(patched_level(unet, "sdxl", name, 0.4, sample, timestep, patched), fullgraph=True)
 
         def run(compiled=compiled, which=which):
             with ops(which):

@@ -1,13 +1,12 @@
 """Where the host time of the merged level's blocks goes (SDXL 1024, the ten blocks of level 2),
 compiled in the default mode: cProfile of the Python and torch.profiler's CPU table, per variant.
 Run from the repo root: PYTHONPATH=.:scripts python scripts/results/2026-11-24-h100/level_host_profile.py [VARIANT...]"""
-import contextlib, copy, cProfile, pstats, sys, torch
+import contextlib, cProfile, pstats, sys, torch
 from torch.profiler import ProfilerActivity, profile
 
 from agentsd.models import unet_from_config
-from bench_processors import blocks_up_to
-from level_benchmark import Level
-from speed_benchmark import TOP_LEVEL, in_a_row, unet_inputs, variant
+from level_benchmark import patched_level
+from speed_benchmark import in_a_row, unet_inputs
 from timing import host_us
 
 names = sys.argv[1:] or ["sdpa", "agent", "tome"]
@@ -16,12 +15,7 @@ with torch.no_grad(), contextlib.ExitStack() as patched:
     sample, timestep, context = unet_inputs(unet, "sdxl", 1024, torch.device("cuda"))[:3]
     x = torch.randn(2, 64 * 64, 640, device="cuda", dtype=torch.float16)
     for name in names:
-        own = copy.deepcopy(unet)
-        patched.enter_context(variant(own, "sdxl", name, 0.4, sample.shape[-2:]))
-        patch = own.__dict__.get("_agentsd")
-        if patch is not None:
-            patch.before_unet(own, (sample, timestep), {})
-        compiled = torch.compile(Level([block for _, block in blocks_up_to(own, TOP_LEVEL["sdxl"])]), fullgraph=True)
+        compiled = torch.compile(patched_level(unet, "sdxl", name, 0.4, sample, timestep, patched), fullgraph=True)
         run = lambda: in_a_row(compiled, (x, context), 10)  # noqa: E731
         print(f"\n==== {name}: host {host_us(run, calls=5) / 10 / 1e3:.3f} ms per call", flush=True)
         profiler = cProfile.Profile()
