@@ -2,69 +2,92 @@
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    AttnProcessorNPU,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
 
 from .merge import merge, merge_with_agents, unmerge
 from .nn.functional import agent_attention
 
 
-class AgentSDAttnProcessor:
-    """Self-attention on merged tokens: merge -> agent or plain attention -> unmerge.
+# Processors of diffusers that compute softmax(Q K^T / sqrt(d)) V from attn.to_q/to_k/to_v, each its own
+# way: agent attention may take their place in the agent stage.
+SOFTMAX_PROCESSORS = (
+    AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, XFormersAttnProcessor, FusedAttnProcessor2_0, AttnProcessorNPU,
+)  # fmt: skip
 
-    Reads the merge plan that the block's forward left in `block_merge.plan`. Without a plan
-    (unpatched level, ratio too small, a mask or another sequence length) it calls the processor
-    it replaced, unchanged; plain ToMe attention also runs through that processor unless it is
-    diffusers' AttnProcessor2_0 (then `plain_attention`, the same in fewer host steps) or `upcast`
-    asks for float32 similarities.
+
+class AgentSDAttnProcessor:
+    """Self-attention on merged tokens: merge -> agent or plain attention -> unmerge, around `processor`.
+
+    `processor` is the one beneath, which diffusers sees (attn.get_processor()) and replaces
+    (set_attn_processor, set_default_attn_processor, attention slicing, IP-Adapter loading): the
+    patch wraps every processor set on a patched attn1, so agentsd stays on over it. It reads the merge
+    plan that the block's forward left for this call (`block_merge.plan_of`). Without one (unmerged
+    level, ratio too small, a mask or another sequence length) it calls `processor`, unchanged. With
+    one, plain ToMe attention runs `processor` on the merged tokens (`plain_attention` where that is
+    AttnProcessor2_0: the same in fewer host steps), and agent attention takes its place where it is
+    one of SOFTMAX_PROCESSORS (else the agent stage is ToMe around it too).
     """
 
-    def __init__(self, original, block_merge, *, k_scale2: float, k_shortcut: float, upcast: bool, plain: bool):
-        self.original = original
+    def __init__(self, block_merge, attn: Attention, processor):
         self.block_merge = block_merge
-        self.k_scale2 = k_scale2
-        self.k_shortcut = k_shortcut
-        self.upcast = upcast
-        self.plain = plain  # plain_attention computes what `original` does (is_plain)
+        self.processor = processor
+        self.plain = is_plain(attn, processor)  # plain_attention computes what `processor` does
+        self.agents = type(processor) in SOFTMAX_PROCESSORS and plain_module(attn)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         plan = self.block_merge.plan_of(attn)
         if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.num_tokens:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         return self.merged_attention(attn, hidden_states, encoder_hidden_states, plan, **kwargs)
 
     def merged_attention(self, attn, x: torch.Tensor, context: torch.Tensor | None, plan, residual=None, **kwargs) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C) through the merged sequence of `plan` (+ `residual`, added as the
         output is unmerged)."""
-        if plan.num_agent_merged is not None and context is None:
-            return unmerge(self.agent_attention(attn, *merge_with_agents(x, plan)), plan, residual)
+        config = self.block_merge.patch.config
+        if plan.num_agent_merged is not None and context is None and self.agents:
+            merged, agents = merge_with_agents(x, plan)
+            return unmerge(agent_attention_of(attn, merged, agents, config), plan, residual)
         merged = merge(x, plan)
-        if self.plain or self.upcast:
-            out = plain_attention(attn, merged, merged if context is None else context, upcast=self.upcast)
+        upcast = config.attn_precision == "fp32"
+        if (self.plain or upcast) and self.agents:
+            out = plain_attention(attn, merged, merged if context is None else context, upcast=upcast)
         else:
-            out = self.original(attn, merged, context, None, **kwargs)
+            out = self.processor(attn, merged, context, None, **kwargs)
         return unmerge(out, plan, residual)
 
-    def agent_attention(self, attn, x: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
-        """x (B, N - t, C), agents (B, n, C) -> (B, N - t, C)."""
-        q, k, v, a = (
-            split_heads(attn, proj(tokens))
-            for proj, tokens in ((attn.to_q, x), (attn.to_k, x), (attn.to_v, x), (attn.to_q, agents))
-        )
-        dtype = q.dtype
-        if self.upcast:
-            q, k, v, a = q.float(), k.float(), v.float(), a.float()
-        out = agent_attention(
-            q, a, k, v, scale=attn.scale, agent_scale=attn.scale**self.k_scale2, shortcut=self.k_shortcut
-        )
-        return output_projection(attn, out.to(dtype))
+
+def agent_attention_of(attn, x: torch.Tensor, agents: torch.Tensor, config) -> torch.Tensor:
+    """Agent attention of `attn`'s projections: x (B, N - t, C), agents (B, n, C) -> (B, N - t, C)."""
+    q, k, v, a = (
+        split_heads(attn, proj(tokens))
+        for proj, tokens in ((attn.to_q, x), (attn.to_k, x), (attn.to_v, x), (attn.to_q, agents))
+    )
+    dtype = q.dtype
+    if config.attn_precision == "fp32":
+        q, k, v, a = q.float(), k.float(), v.float(), a.float()
+    out = agent_attention(q, a, k, v, scale=attn.scale, agent_scale=attn.scale**config.k_scale2, shortcut=config.k_shortcut)
+    return output_projection(attn, out.to(dtype))
 
 
 def is_plain(attn: Attention, processor) -> bool:
     """Whether `processor` on `attn` computes exactly plain_attention: diffusers' AttnProcessor2_0 on
-    an Attention without spatial or group norm, query/key norms, residual or output rescaling."""
+    a plain_module."""
+    return type(processor) is AttnProcessor2_0 and plain_module(attn)
+
+
+def plain_module(attn: Attention) -> bool:
+    """An Attention without spatial or group norm, query/key norms, residual or output rescaling: what
+    its projections and a softmax compute is all it computes."""
     return (
-        type(processor) is AttnProcessor2_0
-        and attn.spatial_norm is None
+        attn.spatial_norm is None
         and attn.group_norm is None
         and attn.norm_q is None
         and attn.norm_k is None

@@ -6,7 +6,9 @@ processor's signature with `inspect` at every call, AttnProcessor2_0 checks for 
 have and divides by a rescale factor of 1, FeedForward loops over its layers. `lean_forward`
 computes the same, bit for bit (tests/test_block.py), in fewer host steps. It runs only where
 diffusers' forward would compute the same: `is_lean` checks the block once, at apply_patch, and
-`runs_lean` the call and what a user may change later (processors, hooks, chunked feed-forward).
+`runs_lean` the call and what a user may change later (processors, hooks, chunked feed-forward). It
+calls every module with weights as a module, so hooks on those (LoRA, offloading, layerwise casting)
+run as in diffusers' forward.
 """
 
 import torch
@@ -15,7 +17,7 @@ from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from .attention import is_plain, plain_attention
+from .attention import plain_attention, plain_module
 
 # What Transformer2DModel passes to its blocks; lean_forward reads the first and needs the others
 # None (the last three only matter to other norm types).
@@ -25,9 +27,9 @@ _BLOCK_KWARGS = frozenset(
 )  # fmt: skip
 
 
-def is_lean(block: nn.Module, replaced) -> bool:
-    """Whether lean_forward computes what diffusers' forward does for `block`, whose attn1 ran the
-    processor `replaced` before the patch (layer norms, GEGLU feed-forward, plain attentions)."""
+def is_lean(block: nn.Module) -> bool:
+    """Whether lean_forward can compute what diffusers' forward does for `block` (layer norms, GEGLU
+    feed-forward, plain Attention modules); runs_lean checks the processors at each call."""
     ff = block.ff
     return (
         type(block) is BasicTransformerBlock
@@ -40,13 +42,16 @@ def is_lean(block: nn.Module, replaced) -> bool:
         and type(ff.net[0]) is GEGLU
         and len(ff.net) in (3, 4)
         and all(type(m) is nn.Dropout and m.p == 0 for m in (ff.net[1], *ff.net[3:]))
-        and is_plain(block.attn1, replaced)
-        and is_plain(block.attn2, block.attn2.processor)
+        and plain_module(block.attn1)
+        and plain_module(block.attn2)
     )
 
 
 def runs_lean(block: nn.Module, processor, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether this call of a block of is_lean, patched with the attn1 `processor`, may run lean_forward."""
+    """Whether this call of a block of is_lean, whose attn1 runs agentsd's `processor`, may run
+    lean_forward: nothing that diffusers' forward would honour and lean_forward would not (masks, extra
+    arguments, chunked feed-forward, other processors, hooks or wrapped forwards on the modules it
+    calls the insides of)."""
     return (
         not args
         and hidden_states.ndim == 3
@@ -56,10 +61,15 @@ def runs_lean(block: nn.Module, processor, hidden_states: torch.Tensor, args: tu
         and not kwargs.get("cross_attention_kwargs")
         and kwargs.keys() <= _BLOCK_KWARGS
         and block._chunk_size is None
-        and block.attn1.processor is processor
+        and processor.plain
         and type(block.attn2.processor) is AttnProcessor2_0
-        and not any(m._forward_pre_hooks or m._forward_hooks for m in (block.attn1, block.attn2, block.ff, block.ff.net[0]))
+        and not any(_wrapped(m) for m in (block.attn1, block.attn2, block.ff, block.ff.net[0]))
     )
+
+
+def _wrapped(module: nn.Module) -> bool:
+    """Hooks on `module`, or a forward set on the instance (accelerate's and diffusers' hooks wrap it so)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks) or "forward" in module.__dict__
 
 
 def lean_forward(block: nn.Module, x: torch.Tensor, context: torch.Tensor, self_attention) -> torch.Tensor:

@@ -11,6 +11,9 @@ import torch
 ATTN_PRECISIONS = (None, "fp32")
 # Defaults of apply_patch: the paper's ratio, and the official AgentSD code's k_scale2 and k_shortcut.
 RATIO, K_SCALE2, K_SHORTCUT = 0.4, 0.3, 0.075
+# k_scale2 is an exponent of the usual scale d**-0.5: 0 leaves the broadcast logits unscaled, 1 scales them
+# as ordinary attention does. k_shortcut weighs the V shortcut against the attention output (1: equal).
+K_SCALE2_RANGE, K_SHORTCUT_RANGE = (0.0, 1.0), (0.0, 1.0)
 MAX_DOWNSAMPLES = (1, 2, 4, 8)  # the four resolution levels of SD 1.x/2.x UNets (SDXL has three)
 
 
@@ -98,12 +101,13 @@ def build_config(
     return AgentSDConfig(
         stages=stages,
         max_downsample=max_downsample,
-        k_scale2=_real("k_scale2", k_scale2),
-        k_shortcut=_real("k_shortcut", k_shortcut),
+        k_scale2=_within("k_scale2", k_scale2, K_SCALE2_RANGE),
+        k_shortcut=_within("k_shortcut", k_shortcut, K_SHORTCUT_RANGE),
         attn_precision=attn_precision,
         use_rand=_flag("use_rand", use_rand),
-        # Without a seed, draw one from torch's CPU generator, so torch.manual_seed fixes it too.
-        seed=int(torch.randint(2**32, ())) if seed is None else int(seed),
+        # Without a seed, the seed torch's CPU generator started from: torch.manual_seed fixes it too, and
+        # reading it draws nothing, so the user's later random numbers stay what they were.
+        seed=torch.initial_seed() % 2**32 if seed is None else int(seed),
         merge_attn=_flag("merge_attn", merge_attn),
         merge_crossattn=_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_flag("merge_mlp", merge_mlp),
@@ -157,6 +161,13 @@ def _ratio(name: str, value) -> float:
     value = _real(name, value)
     if not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def _within(name: str, value, bounds: tuple[float, float]) -> float:
+    value = _real(name, value)
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{name} must be in [{bounds[0]:g}, {bounds[1]:g}], got {value!r}")
     return value
 
 

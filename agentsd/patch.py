@@ -1,27 +1,31 @@
 """apply_patch / remove_patch: the only module that touches diffusers objects.
 
-What a patch installs, all of it undone by remove_patch:
+What a patch installs on the UNet, all of it undone by remove_patch (nothing on the pipeline or its
+scheduler; parameters and the state_dict are untouched):
 - a forward pre-hook and hook on the UNet: latent size, stage and timestep of the call;
 - a forward on every BasicTransformerBlock of the merged levels: its merge plan, from the block
   input X, given up after its last use, then block.py's lean_forward where it computes what
-  diffusers' forward does, else diffusers' forward (blocks of deeper levels are left alone);
-- AgentSDAttnProcessor on each block's attn1 (the replaced processor is kept inside it);
-- with merge_crossattn / merge_mlp, merge and unmerge hooks around attn2 / ff;
-- on a pipeline, a wrapper of scheduler.scale_model_input (the stage) and of progress_bar (to
-  follow a scheduler swapped in after apply_patch). Parameters and the state_dict are untouched.
+  diffusers' forward does, else the forward it replaced (blocks of deeper levels are left alone);
+- AgentSDAttnProcessor around each such block's attn1 processor, and on attn1 a `set_processor` and
+  `get_processor` that keep it around whatever processor diffusers or the user sets later;
+- with merge_crossattn / merge_mlp, merge and unmerge hooks around attn2 / ff.
+
+What one call needs (its stage, latent size, seed, timestep, each block's plan) is kept per thread,
+so that threads may share a patched UNet wherever diffusers lets them.
 """
 
-import weakref
+import threading
+import warnings
 
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-from .attention import AgentSDAttnProcessor, is_plain, plain_attention
+from .attention import AgentSDAttnProcessor, plain_attention
 from .block import is_lean, lean_forward, runs_lean
 from .config import K_SCALE2, K_SHORTCUT, RATIO, AgentSDConfig, build_config
 from .merge import merge, merge_counts, plan_block, token_grid, unmerge
-from .schedule import StageTracker
+from .schedule import stage_at, trajectory_fraction
 
 SUPPORTED = (
     "a diffusers pipeline with a UNet2DConditionModel `.unet` (Stable Diffusion 1.x/2.x, SDXL, their "
@@ -48,45 +52,60 @@ def apply_patch(
     merge_mlp: bool = False,
     scheduler=None,
 ):
-    """Patch `model` (a pipeline or its UNet) with AgentSD in place and return it.
+    """Patch `model` with AgentSD in place and return it; remove_patch undoes it exactly.
 
-    Without sx/sy/agent_ratio the paper's schedule applies: agent attention (sx=sy=4,
+    Without sx/sy/agent_ratio/schedule the paper's schedule applies: agent attention (sx=sy=4,
     agent_ratio=0.95) for the first 40% of the denoising trajectory, plain ToMe (sx=sy=2,
-    agent_ratio=0.5) after. `scheduler` is needed only to drive a schedule on a bare UNet.
-    Re-applying replaces the previous patch; invalid arguments raise before anything changes.
+    agent_ratio=0.5) after, both at `ratio`. Re-applying replaces the previous patch; invalid
+    arguments raise TypeError/ValueError naming the parameter before anything changes.
+
+    Args:
+        model: a diffusers pipeline whose `.unet` is a UNet2DConditionModel (SD 1.x/2.x, SDXL, their
+            img2img, inpaint and ControlNet pipelines), or such a UNet, also a torch.compile'd one.
+        ratio: fraction of a block's tokens merged away, in [0, 1); 0 leaves the model's outputs
+            unchanged, bit for bit.
+        sx, sy: one destination token per sy x sx cell of the token grid (positive ints); give them
+            with agent_ratio for one fixed setting at every step.
+        agent_ratio: fraction merged away to form the agent tokens, in [0, 1); agents are used only
+            where they pay (2n < N - t), so 0 gives plain ToMe.
+        schedule: stages instead of one setting: a list of agentsd.Stage(end, sx, sy, agent_ratio,
+            ratio=None) or of dicts with those keys, `end` rising to 1.0 (a fraction of the trajectory).
+        max_downsample: merge in the levels downsampled at most this much (1, 2, 4 or 8); None: the top
+            level that has transformer blocks (1 for SD 1.x/2.x, 2 for SDXL).
+        k_scale2: in [0, 1]; the agents broadcast with the softmax scale (d ** -0.5) ** k_scale2.
+        k_shortcut: in [0, 1]; weight of the V shortcut added to the agent attention output.
+        attn_precision: None, or "fp32" to compute the similarities of patched blocks in float32
+            (SD 2.1 overflows in float16 without it).
+        use_rand: a random destination in each cell, drawn anew at each timestep (top-left when False,
+            and with an odd batch, whose CFG halves could not share one pattern).
+        seed: makes the random destinations reproducible; None takes torch.initial_seed(), so
+            torch.manual_seed fixes it too, without drawing from torch's generator.
+        merge_attn: merge tokens for the self-attention (where agents act).
+        merge_crossattn: also merge for the cross-attention (plain ToMe there).
+        merge_mlp: also merge for the feed-forward.
+        scheduler: only for loops that hand the UNet timesteps of their own rather than elements of
+            `scheduler.timesteps` (diffusers' pipelines never do): agentsd looks them up in this
+            scheduler's timesteps to find the stage.
     """
     config = build_config(
         ratio=ratio, sx=sx, sy=sy, agent_ratio=agent_ratio, schedule=schedule, max_downsample=max_downsample,
         k_scale2=k_scale2, k_shortcut=k_shortcut, attn_precision=attn_precision, use_rand=use_rand,
         seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
     )  # fmt: skip
-    unet, pipe = _find_unet(model)
+    unet = _find_unet(model)
     blocks = transformer_blocks(unet)
     if not blocks:
         raise ValueError(f"{type(unet).__name__} has no transformer blocks (BasicTransformerBlock) to patch")
-    if scheduler is not None and pipe is not None:
-        raise ValueError("scheduler is for a bare UNet; a pipeline's own scheduler is followed already")
-    if len(config.stages) > 1 and pipe is None and scheduler is None:
-        raise ValueError(
-            "a schedule of several stages follows the denoising loop through its scheduler: pass the "
-            "pipeline (apply_patch(pipe)), or scheduler= with the bare UNet, or one fixed setting "
-            "(sx=, sy=, agent_ratio=)"
-        )
-    if scheduler is not None and not callable(getattr(scheduler, "scale_model_input", None)):
-        raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
-
+    if scheduler is not None and not hasattr(scheduler, "timesteps"):
+        raise TypeError(f"scheduler must be a diffusers scheduler (with .timesteps), got {type(scheduler).__name__}")
     remove_patch(unet)
-    patch = UNetPatch(unet, blocks, config)
-    if pipe is not None:
-        patch.follow_pipeline(pipe)
-    elif scheduler is not None:
-        patch.tracker.follow(scheduler)
+    UNetPatch(unet, blocks, config, scheduler)
     return model
 
 
 def remove_patch(model):
     """Undo apply_patch. Harmless on a model that is not patched; returns `model`."""
-    unet, _ = _find_unet(model)
+    unet = _find_unet(model)
     patch = unet.__dict__.pop("_agentsd", None)
     if patch is not None:
         patch.remove()
@@ -94,17 +113,17 @@ def remove_patch(model):
 
 
 def is_patched(model) -> bool:
-    return "_agentsd" in _find_unet(model)[0].__dict__
+    return "_agentsd" in _find_unet(model).__dict__
 
 
-def _find_unet(model):
-    """(unet, pipeline or None); TypeError for anything else."""
+def _find_unet(model) -> UNet2DConditionModel:
+    """The UNet of a pipeline or the UNet itself; TypeError for anything else."""
     pipe = None
     if isinstance(model, DiffusionPipeline):
         pipe, model = model, getattr(model, "unet", None)
     model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     if isinstance(model, UNet2DConditionModel):
-        return model, pipe
+        return model
     if pipe is not None:
         found = ", ".join(f"{k}={type(v).__name__}" for k, v in pipe.components.items() if isinstance(v, torch.nn.Module))
         raise TypeError(f"agentsd supports {SUPPORTED}; {type(pipe).__name__} has {found or 'no model'}")
@@ -124,142 +143,211 @@ def transformer_blocks(unet: UNet2DConditionModel) -> list[tuple[int, BasicTrans
     ]
 
 
+class PerThread(threading.local):
+    """Attributes that each thread sets and reads for itself (the class attributes are the defaults).
+    A copy or an unpickled patch starts with none set."""
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+class CallState(PerThread):
+    """The UNet call running in this thread, as before_unet found it."""
+
+    stage = None
+    latent_size = None
+    seed = None  # None: top-left destinations
+    timestep = None
+
+
+class PlanSlot(PerThread):
+    """A block's merge plan for the call running in this thread, until its last use."""
+
+    plan = None
+
+
 class UNetPatch:
     """Everything one patched UNet holds, and the hooks that run on each call."""
 
-    def __init__(self, unet: UNet2DConditionModel, blocks, config: AgentSDConfig):
+    def __init__(self, unet: UNet2DConditionModel, blocks, config: AgentSDConfig, scheduler=None):
         self.config = config
+        self.scheduler = scheduler  # where to look up timesteps that are not elements of a timesteps list
         # By default only the highest-resolution level with transformer blocks (1 for SD, 2 for SDXL).
         self.max_downsample = config.max_downsample or min(level for level, _ in blocks)
-        self.tracker = StageTracker(config.stages)
+        self.call = CallState()
         self.handles = [
             unet.register_forward_pre_hook(self.before_unet, with_kwargs=True),
             unet.register_forward_hook(self.after_unet),
         ]
-        self.processors = []  # (attn1, our processor) to restore
-        self.forwards = []  # (block, our forward) to remove
-        self.progress_bar_wrapper = None  # (weak pipe, wrapper) to undo
-        # Per call, set by before_unet:
-        self.latent_size = None
-        self.stage = config.stages[0]
-        self.seed = None  # None: top-left destinations
-        self.timestep = None
-
+        self.blocks = []
         for level, block in blocks:
             if level > self.max_downsample:  # never merged: no hooks, no host time per call
                 continue
-            # The plan is given up after its last use, before the feed-forward (where a call's memory peaks).
             users = (block.attn1, config.merge_attn), (block.attn2, config.merge_crossattn), (block.ff, config.merge_mlp)
             users = [m for m, wanted in users if wanted and m is not None]
-            if not users:  # nothing merges in this block: no plan, no hooks
-                continue
-            block_merge = BlockMerge(self, block, users[-1])
-            if config.merge_attn:
-                processor = AgentSDAttnProcessor(
-                    block.attn1.processor, block_merge, k_scale2=config.k_scale2, k_shortcut=config.k_shortcut,
-                    upcast=config.attn_precision == "fp32", plain=is_plain(block.attn1, block.attn1.processor),
-                )  # fmt: skip
-                block_merge.run_lean_with(processor)
-                block.attn1.set_processor(processor)
-                self.processors.append((block.attn1, processor))
-            for module in users:
-                if module is block.attn1:
-                    continue
-                self.handles.append(module.register_forward_pre_hook(block_merge.merge_input))
-                self.handles.append(module.register_forward_hook(block_merge.unmerge_output))
-            block.forward = block_merge.forward
-            self.forwards.append((block, block.forward))
+            if users:  # else nothing merges in this block: no plan, no hooks
+                self.blocks.append(BlockMerge(self, block, users))
         unet._agentsd = self
-
-    def follow_pipeline(self, pipe) -> None:
-        """Follow pipe.scheduler, and whichever scheduler the pipe holds when a run starts."""
-        self.tracker.follow(pipe.scheduler)
-        tracker, pipe_ref = self.tracker, weakref.ref(pipe)
-        original = pipe.progress_bar  # every pipeline opens it after setting the timesteps
-
-        def progress_bar(*args, **kwargs):
-            tracker.follow(pipe_ref().scheduler)
-            return original(*args, **kwargs)
-
-        pipe.progress_bar = progress_bar
-        self.progress_bar_wrapper = (pipe_ref, progress_bar)
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for attn, processor in self.processors:
-            if attn.processor is processor:  # the user may have set another processor since
-                attn.set_processor(processor.original)
-        for block, forward in self.forwards:
-            if block.__dict__.get("forward") is forward:
-                del block.forward
-        self.tracker.unfollow()
-        if self.progress_bar_wrapper is not None:
-            pipe_ref, progress_bar = self.progress_bar_wrapper
-            pipe = pipe_ref()
-            if pipe is not None and pipe.__dict__.get("progress_bar") is progress_bar:
-                del pipe.__dict__["progress_bar"]
+        for block_merge in self.blocks:
+            block_merge.remove()
 
+    # Eager even inside a compiled UNet: it reads the timestep's place in its list from tensor metadata,
+    # and the compiled blocks read only the stage it sets (one graph per stage).
+    @torch.compiler.disable
     def before_unet(self, unet, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        self.latent_size = tuple(sample.shape[-2:])
-        self.stage = self.tracker.stage
+        call = self.call
+        call.latent_size = tuple(sample.shape[-2:])
+        stages = self.config.stages
+        call.stage = stages[0] if len(stages) == 1 else stage_at(stages, trajectory_fraction(timestep, self.scheduler))
         # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
         use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
-        self.seed = self.config.seed if use_rand else None
-        self.timestep = timestep.to(sample.device) if torch.is_tensor(timestep) else timestep
+        call.seed = self.config.seed if use_rand else None
+        call.timestep = timestep.to(sample.device) if torch.is_tensor(timestep) else timestep
 
     def after_unet(self, unet, args, output) -> None:
-        self.timestep = None
+        self.call.timestep = None
 
     def plan_for(self, x: torch.Tensor):
         """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched."""
+        call = self.call
+        if call.stage is None:  # a block called outside a UNet call
+            return None
         num_tokens = x.shape[1]
-        grid = token_grid(self.latent_size, num_tokens)
+        grid = token_grid(call.latent_size, num_tokens)
         if grid.downsample > self.max_downsample or grid.height * grid.width != num_tokens:
             return None
-        stage = self.stage
+        stage = call.stage
         num_dst = (grid.height // stage.sy) * (grid.width // stage.sx)
         num_merged, num_agent_merged = merge_counts(num_tokens, num_dst, stage.ratio, stage.agent_ratio)
         if num_merged == 0:
             return None
         # One destination pattern per level and call (a level's blocks draw the same one): drawn
         # again in every block, it lives only as long as the block's plan.
-        return plan_block(x, grid, stage.sy, stage.sx, num_merged, num_agent_merged, self.seed, self.timestep)
+        return plan_block(x, grid, stage.sy, stage.sx, num_merged, num_agent_merged, call.seed, call.timestep)
 
 
 class BlockMerge:
     """The merge plan of one transformer block for the current call, and the block's forward and hooks."""
 
-    def __init__(self, patch: UNetPatch, block, last_user):
+    def __init__(self, patch: UNetPatch, block, users):
         self.patch = patch
         self.block = block
-        self.last_user = last_user
-        self.replaced = block.forward
-        self.processor = None  # our attn1 processor, for lean_forward
-        self.lean = False
-        self.plan = None
+        self.last_user = users[-1]  # the plan is given up after it, before the feed-forward where memory peaks
+        self.slot = PlanSlot()
+        self.lean = is_lean(block)
+        self.removed = False
+        self.warned = False
+        self.handles = []
+        for module in users:
+            if module is not block.attn1:
+                self.handles.append(module.register_forward_pre_hook(self.merge_input))
+                self.handles.append(module.register_forward_hook(self.unmerge_output))
+        self.merges_attn1 = block.attn1 in users
+        attn = block.attn1
+        # What was on the instances before (a forward that a hook put there, say): called beneath the
+        # patch, and restored by remove.
+        self.forward_beneath = block.__dict__.get("forward")
+        self.set_processor_beneath = attn.__dict__.get("set_processor")
+        self.replaced = [(block, "forward", self.forward_beneath)]
+        if self.merges_attn1:
+            self.replaced += [(attn, "set_processor", self.set_processor_beneath), (attn, "get_processor", attn.__dict__.get("get_processor"))]
+            processor = attn.processor
+            attn.set_processor = self.set_processor
+            attn.get_processor = self.get_processor
+            self.set_processor(processor)
+        block.forward = self.forward
 
-    def run_lean_with(self, processor: AgentSDAttnProcessor) -> None:
-        """Run lean_forward, with `processor` on attn1, where it computes what the replaced forward does."""
-        self.processor = processor
-        self.lean = is_lean(self.block, processor.original)
+    def remove(self) -> None:
+        """Take back what __init__ installed and leave what others installed since."""
+        for handle in self.handles:
+            handle.remove()
+        processor = self.own_processor() if self.merges_attn1 else None
+        if processor is not None:
+            self._set_beneath(processor.processor)
+        for module, name, before in self.replaced:
+            if not _bound_to(module.__dict__.get(name), self):
+                continue  # wrapped again since: a pass-through now (self.removed)
+            if before is None:
+                delattr(module, name)
+            else:
+                setattr(module, name, before)
+        self.removed = True
+
+    def own_processor(self) -> AgentSDAttnProcessor | None:
+        processor = self.block.attn1.processor
+        return processor if type(processor) is AgentSDAttnProcessor and processor.block_merge is self else None
+
+    def set_processor(self, processor) -> None:
+        """attn1.set_processor while patched: the processor goes beneath agentsd, which stays on."""
+        attn = self.block.attn1
+        if isinstance(processor, AgentSDAttnProcessor):
+            processor = processor.processor
+        if isinstance(processor, torch.nn.Module):  # its weights must stay registered on attn1
+            self.warned = True  # about it, here
+            warnings.warn(
+                f"agentsd: {type(processor).__name__} has weights of its own, so it is set on attn1 as it is "
+                "and agentsd does not merge tokens in that self-attention.",
+                stacklevel=2,
+            )
+        elif not self.removed:
+            processor = AgentSDAttnProcessor(self, attn, processor)
+        self._set_beneath(processor)
+
+    def _set_beneath(self, processor) -> None:
+        """attn1.set_processor as it was before the patch."""
+        attn = self.block.attn1
+        if self.set_processor_beneath is not None:
+            self.set_processor_beneath(processor)
+        else:
+            type(attn).set_processor(attn, processor)
+
+    def get_processor(self, return_deprecated_lora: bool = False):
+        """attn1.get_processor while patched (so unet.attn_processors): the processor beneath agentsd."""
+        processor = self.block.attn1.processor
+        return processor.processor if isinstance(processor, AgentSDAttnProcessor) else processor
 
     def plan_of(self, module):
         """The plan, given up here if `module` is its last user in the block."""
-        plan = self.plan
+        slot = self.slot
+        plan = slot.plan
         if module is self.last_user:
-            self.plan = None
+            slot.plan = None
         return plan
 
     def forward(self, hidden_states, *args, **kwargs):
-        """The block's forward under the patch: the plan, then lean_forward where it applies, else
-        the forward it replaced."""
-        self.plan = self.patch.plan_for(hidden_states)
-        if self.lean and runs_lean(self.block, self.processor, hidden_states, args, kwargs):
+        """The block's forward under the patch: the plan, then lean_forward where it applies, else the
+        forward it replaced."""
+        if self.removed:
+            return self.forward_replaced(hidden_states, *args, **kwargs)
+        self.slot.plan = self.patch.plan_for(hidden_states)
+        processor = self.own_processor() if self.merges_attn1 else None
+        if self.merges_attn1 and processor is None and not self.warned:
+            self.warned = True
+            warnings.warn(
+                "agentsd: a processor was assigned to attn1 directly (attn.processor = ...), which takes agentsd "
+                "off that self-attention; set_processor / set_attn_processor keep agentsd on over it.",
+                stacklevel=2,
+            )
+        if (
+            self.lean
+            and processor is not None
+            and self.forward_beneath is None
+            and runs_lean(self.block, processor, hidden_states, args, kwargs)
+        ):
             return lean_forward(self.block, hidden_states, kwargs["encoder_hidden_states"], self.self_attention)
-        return self.replaced(hidden_states, *args, **kwargs)
+        return self.forward_replaced(hidden_states, *args, **kwargs)
+
+    def forward_replaced(self, *args, **kwargs):
+        """The block's forward as it was before the patch."""
+        if self.forward_beneath is not None:
+            return self.forward_beneath(*args, **kwargs)
+        return type(self.block).forward(self.block, *args, **kwargs)
 
     def self_attention(self, h, residual):
         """block.attn1(h) + residual in lean_forward."""
@@ -267,10 +355,10 @@ class BlockMerge:
         plan = self.plan_of(attn)
         if plan is None:
             return plain_attention(attn, h, h) + residual
-        return self.processor.merged_attention(attn, h, None, plan, residual)
+        return attn.processor.merged_attention(attn, h, None, plan, residual)
 
     def merge_input(self, module, args):
-        plan = self.plan
+        plan = self.slot.plan
         if plan is None or not args or args[0].shape[1] != plan.num_tokens:
             return None
         return (merge(args[0], plan), *args[1:])
@@ -280,3 +368,7 @@ class BlockMerge:
         if plan is None or not args or args[0].shape[1] != plan.num_slots:
             return None
         return unmerge(output, plan)
+
+
+def _bound_to(method, owner) -> bool:
+    return getattr(method, "__self__", None) is owner

@@ -1,15 +1,16 @@
 """Which stage of the schedule a UNet call uses.
 
 The stage is a fraction of the denoising trajectory: the position of the call's timestep in the
-scheduler's full `timesteps` list over the list's length. Every diffusers pipeline hands each
-step's timestep to `scheduler.scale_model_input(sample, t)` just before the UNet call, and that
-`t` is an element of `scheduler.timesteps` (the pipelines loop `for t in timesteps`, a slice of
-it for img2img). So the tracker wraps `scale_model_input` and reads the element's index from the
-tensor's storage offset: no device sync, nothing inside the UNet, and right for any scheduler
-(Heun's doubled entries and PNDM's extra one included), any number of steps, img2img `strength`
-(a run that starts halfway starts at fraction 0.5) and any number of pipeline calls.
+list of timesteps it was taken from. Every diffusers pipeline loops `for t in timesteps` over
+`scheduler.timesteps` (a slice of it for img2img, which starts late) and hands `t` to the UNet, so `t`
+is a view into that list: its storage offset is its index and its storage the whole list. That is
+tensor metadata: no device sync, no wrapper on the scheduler or the pipeline, and right for any
+scheduler (Heun's doubled entries and PNDM's extra one included), any number of steps, img2img
+`strength`, several pipelines sharing one UNet and threads. A timestep of its own (a number, or a
+tensor that is no such view) is looked up by value in the `scheduler` given to apply_patch, or else
+placed on the 1000 training timesteps of Stable Diffusion, with a warning.
 
-The UNet only reads `tracker.stage`, so torch.compile specialises once per stage.
+The UNet only reads the stage, so torch.compile specialises once per stage.
 """
 
 import warnings
@@ -17,6 +18,8 @@ import warnings
 import torch
 
 from .config import Stage
+
+TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD 1.x/2.x/SDXL scheduler config
 
 
 def stage_at(stages: tuple[Stage, ...], fraction: float) -> Stage:
@@ -27,64 +30,31 @@ def stage_at(stages: tuple[Stage, ...], fraction: float) -> Stage:
     return stages[-1]
 
 
-def timestep_index(timestep, timesteps) -> int | None:
-    """Index of `timestep` in `timesteps` when it is one of its elements, from tensor metadata only."""
-    if not (torch.is_tensor(timestep) and torch.is_tensor(timesteps)):
+def list_position(timestep) -> tuple[int, int] | None:
+    """(index, length) of `timestep` in the 1-D list whose element it is (all its entries one element
+    of that list, as `t.expand(n)` gives), from tensor metadata only; None for a timestep of its own."""
+    if not torch.is_tensor(timestep) or timestep.numel() == 0:
         return None
-    if timestep.dim() != 0 or timesteps.dim() != 1 or len(timesteps) == 0:
-        return None
-    if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
-        return None
-    index, remainder = divmod(timestep.storage_offset() - timesteps.storage_offset(), timesteps.stride(0))
-    return index if remainder == 0 and 0 <= index < len(timesteps) else None
+    if any(stride != 0 for size, stride in zip(timestep.shape, timestep.stride()) if size > 1):
+        return None  # several timesteps
+    length = timestep.untyped_storage().nbytes() // timestep.element_size()
+    return (timestep.storage_offset(), length) if length > 1 else None
 
 
-class StageTracker:
-    """Follows the schedulers that drive the UNet and keeps `stage` up to date."""
-
-    def __init__(self, stages: tuple[Stage, ...]):
-        self.stages = stages
-        self.stage = stages[0]
-        self._followed = []  # schedulers whose scale_model_input we wrapped
-        # Fallback when a timestep is not an element of scheduler.timesteps: count calls.
-        self._counted_timesteps = None
-        self._count = 0
-
-    def follow(self, scheduler) -> None:
-        """Wrap `scheduler.scale_model_input` (once) so that each step updates the stage."""
-        if any(s is scheduler for s in self._followed):
-            return
-        original = scheduler.scale_model_input
-
-        def scale_model_input(sample, timestep=None, *args, **kwargs):
-            self.update(scheduler, timestep)
-            return original(sample, timestep, *args, **kwargs)
-
-        scale_model_input.__wrapped__ = original
-        scheduler.scale_model_input = scale_model_input
-        self._followed.append(scheduler)
-
-    def unfollow(self) -> None:
-        for scheduler in self._followed:
-            scheduler.__dict__.pop("scale_model_input", None)
-        self._followed.clear()
-
-    def update(self, scheduler, timestep) -> None:
-        timesteps = getattr(scheduler, "timesteps", None)
-        index = timestep_index(timestep, timesteps)
-        if index is None:
-            index = self._count_call(scheduler, timesteps)
-        total = len(timesteps) if timesteps is not None and len(timesteps) else 1
-        self.stage = stage_at(self.stages, index / total)
-
-    def _count_call(self, scheduler, timesteps) -> int:
-        if timesteps is not self._counted_timesteps:
-            warnings.warn(
-                "agentsd: the timestep given to scheduler.scale_model_input is not an element of "
-                "scheduler.timesteps, so the schedule counts calls from scheduler.begin_index instead.",
-                stacklevel=3,
-            )
-            self._counted_timesteps = timesteps
-            self._count = getattr(scheduler, "begin_index", None) or 0
-        self._count += 1
-        return self._count - 1
+def trajectory_fraction(timestep, scheduler=None) -> float:
+    """Where in [0, 1) of the denoising trajectory a UNet call at `timestep` lies."""
+    position = list_position(timestep)
+    if position is not None:
+        index, length = position
+        return index / length
+    value = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is not None and len(timesteps):
+        timesteps = torch.as_tensor(timesteps).cpu()
+        return int((timesteps - value).abs().argmin()) / len(timesteps)
+    warnings.warn(
+        "agentsd: the UNet got a timestep that is not an element of a scheduler's timesteps, and apply_patch "
+        "got no scheduler= to look it up in: its stage is placed by its value on the 1000 training timesteps.",
+        stacklevel=2,
+    )
+    return min(max(1 - value / TRAIN_TIMESTEPS, 0.0), 1.0)

@@ -35,8 +35,8 @@ def test_one_graph_per_stage_over_whole_runs(sd_pipe):
     sd_pipe.unet = torch.compile(sd_pipe.unet, backend="eager", fullgraph=True)
     for _ in range(2):
         sd_pipe("a cat", num_inference_steps=10, height=32, width=32, output_type="latent")
-    # one graph for the UNet's pre-hook (run by dynamo outside the UNet frame), one per stage
-    assert counters["stats"]["unique_graphs"] == 1 + 2
+    # one graph per stage (the UNet's pre-hook runs eagerly: it reads where the timestep lies)
+    assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
 
 

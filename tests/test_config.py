@@ -37,6 +37,10 @@ BAD = [
     (dict(merge_mlp="yes"), TypeError, "merge_mlp must be True or False"),
     (dict(seed=1.5), TypeError, "seed must be None or an int"),
     (dict(k_scale2=None), TypeError, "k_scale2 must be a number"),
+    (dict(k_scale2=-0.1), ValueError, "k_scale2 must be in \\[0, 1\\]"),
+    (dict(k_scale2=1.5), ValueError, "k_scale2 must be in \\[0, 1\\]"),
+    (dict(k_shortcut=-0.01), ValueError, "k_shortcut must be in \\[0, 1\\]"),
+    (dict(k_shortcut=2), ValueError, "k_shortcut must be in \\[0, 1\\]"),
     (dict(scheduler=object()), TypeError, "scheduler must be a diffusers scheduler"),
 ]
 
@@ -89,3 +93,31 @@ def test_default_schedule_values():
     assert unet._agentsd.max_downsample == 1
     stages = agentsd.paper_schedule(0.3)
     assert [(s.end, s.sx, s.agent_ratio, s.ratio) for s in stages] == [(0.4, 4, 0.95, 0.3), (1.0, 2, 0.5, 0.3)]
+
+
+def test_the_default_seed_draws_nothing_from_torchs_generator():
+    """seed=None takes the seed torch started from: later random numbers of the user stay the same,
+    also after a rejected call, and torch.manual_seed makes the patch reproducible."""
+    unet = unet_from_config("sd15", tiny=True)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    agentsd.apply_patch(unet, **FIXED)
+    with pytest.raises(ValueError):
+        agentsd.apply_patch(unet, ratio=2.0, **FIXED)
+    assert torch.equal(torch.rand(3), expected)
+    assert unet._agentsd.config.seed == 123
+
+
+def test_a_pipeline_without_a_scheduler_patches(sd_pipe):
+    del sd_pipe.scheduler  # a pipeline class of the user's that has none
+    agentsd.apply_patch(sd_pipe, **FIXED)
+    assert agentsd.is_patched(sd_pipe)
+
+
+def test_every_parameter_is_documented():
+    import inspect
+
+    doc = agentsd.apply_patch.__doc__
+    for name in inspect.signature(agentsd.apply_patch).parameters:
+        assert f"{name}:" in doc or f"{name}, " in doc or f", {name}:" in doc, name

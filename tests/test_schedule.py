@@ -1,4 +1,6 @@
-"""Which stage each UNet call uses, for several schedulers, step counts, img2img and scheduler swaps."""
+"""Which stage each UNet call uses: for every scheduler, step count, img2img, swapped and shared schedulers."""
+
+import warnings
 
 import pytest
 import torch
@@ -7,12 +9,14 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionImg2ImgPipeline,
+    TCDScheduler,
 )
 
 import agentsd
 from agentsd.config import Stage, paper_schedule
-from agentsd.schedule import stage_at, timestep_index
+from agentsd.schedule import list_position, stage_at
 
 SCHEDULERS = {
     "ddim": DDIMScheduler.from_config,
@@ -21,11 +25,12 @@ SCHEDULERS = {
 }
 
 
-def record_stages(pipe):
-    """The stage index each later UNet call of `pipe` uses (0: agent stage, 1: ToMe stage)."""
-    patch = pipe.unet._agentsd
+def record_stages(unet):
+    """The stage index each later call of `unet` uses (0: agent stage, 1: ToMe stage), read after the
+    patch's own pre-hook has set it."""
+    patch = unet._agentsd
     calls = []
-    pipe.unet.register_forward_pre_hook(lambda *_: calls.append(patch.config.stages.index(patch.stage)))
+    unet.register_forward_pre_hook(lambda *_: calls.append(patch.config.stages.index(patch.call.stage)))
     return calls
 
 
@@ -39,7 +44,7 @@ def generate(pipe, steps, **kwargs):
 def test_first_40_percent_use_agents(sd_pipe, name, steps, agent_calls):
     sd_pipe.scheduler = SCHEDULERS[name](sd_pipe.scheduler.config)
     agentsd.apply_patch(sd_pipe)
-    calls = record_stages(sd_pipe)
+    calls = record_stages(sd_pipe.unet)
     generate(sd_pipe, steps)
     assert calls == [0] * agent_calls + [1] * (steps - agent_calls)
     calls.clear()
@@ -50,7 +55,7 @@ def test_first_40_percent_use_agents(sd_pipe, name, steps, agent_calls):
 def test_multi_entry_schedulers(sd_pipe):
     # PNDM (the SD 1.5 default, the paper's PLMS) has 51 timesteps for 50 steps; Heun two per step.
     agentsd.apply_patch(sd_pipe)
-    calls = record_stages(sd_pipe)
+    calls = record_stages(sd_pipe.unet)
     generate(sd_pipe, 50)
     assert calls == [0] * 21 + [1] * 30  # entries 0..20 lie below 0.4 * 51
     sd_pipe.scheduler = HeunDiscreteScheduler.from_config(sd_pipe.scheduler.config)  # swapped after patching
@@ -65,34 +70,81 @@ def test_img2img_starts_where_strength_puts_it(sd_pipe, name, strength, expected
     pipe = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
     pipe.scheduler = SCHEDULERS[name](sd_pipe.scheduler.config)
     agentsd.apply_patch(pipe)
-    calls = record_stages(pipe)
+    calls = record_stages(pipe.unet)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     generate(pipe, 50, image=image, strength=strength)
     assert calls == expected
 
 
-def test_bare_unet_follows_the_given_scheduler(sd_pipe):
+def test_pipelines_sharing_a_unet_follow_their_own_schedulers(sd_pipe):
+    """One UNet, two pipelines: each call follows the scheduler of the pipeline that makes it, also a
+    pipeline built after apply_patch with a scheduler of its own."""
+    agentsd.apply_patch(sd_pipe)
+    other = type(sd_pipe)(**{**sd_pipe.components, "scheduler": HeunDiscreteScheduler.from_config(sd_pipe.scheduler.config)})
+    calls = record_stages(sd_pipe.unet)
+    generate(other, 10)
+    assert calls == [0] * 8 + [1] * 11
+    calls.clear()
+    generate(sd_pipe, 10)
+    assert calls == [0] * 5 + [1] * 6  # PNDM: 11 entries
+
+
+def test_nothing_is_set_on_the_pipeline_or_its_scheduler(sd_pipe):
+    """So a copy, a pickle, a shared scheduler or a user's own attributes are never affected."""
+    generate(sd_pipe, 2)  # what a run sets on them itself
+    pipe_attributes, scheduler_attributes = set(sd_pipe.__dict__), set(sd_pipe.scheduler.__dict__)
+    agentsd.apply_patch(sd_pipe)
+    assert set(sd_pipe.__dict__) == pipe_attributes and set(sd_pipe.scheduler.__dict__) == scheduler_attributes
+    generate(sd_pipe, 2)
+    assert set(sd_pipe.__dict__) == pipe_attributes and set(sd_pipe.scheduler.__dict__) == scheduler_attributes
+
+
+def test_bare_unet_in_a_loop_over_scheduler_timesteps(sd_pipe):
     scheduler = DDIMScheduler.from_config(sd_pipe.scheduler.config)
-    with pytest.raises(ValueError, match="scheduler="):
-        agentsd.apply_patch(sd_pipe.unet)
-    agentsd.apply_patch(sd_pipe.unet, scheduler=scheduler)
-    calls = record_stages(sd_pipe)
+    agentsd.apply_patch(sd_pipe.unet)  # no scheduler needed: the timesteps tell their place
+    calls = record_stages(sd_pipe.unet)
     scheduler.set_timesteps(5)
-    latents = torch.randn(2, 4, 4, 4)
-    context = torch.randn(2, 77, 32)
+    latents, context = torch.randn(2, 4, 4, 4), torch.randn(2, 77, 32)
     with torch.no_grad():
         for t in scheduler.timesteps:
             sd_pipe.unet(scheduler.scale_model_input(latents, t), t, context)
-    assert calls == [0, 0, 1, 1, 1]
-    agentsd.remove_patch(sd_pipe.unet)
-    assert "scale_model_input" not in scheduler.__dict__
+        assert calls == [0, 0, 1, 1, 1]
+        calls.clear()
+        # timesteps of their own (numbers): looked up in the scheduler given to apply_patch
+        agentsd.apply_patch(sd_pipe.unet, scheduler=scheduler)
+        calls = record_stages(sd_pipe.unet)
+        for t in scheduler.timesteps.tolist():
+            sd_pipe.unet(latents, t, context)
+        assert calls == [0, 0, 1, 1, 1]
+        # and without one, placed by value on the 1000 training timesteps, with a warning
+        agentsd.apply_patch(sd_pipe.unet)
+        calls = record_stages(sd_pipe.unet)
+        with pytest.warns(UserWarning, match="not an element of a scheduler's timesteps"):
+            for t in (999, 601, 599, 1):
+                sd_pipe.unet(latents, torch.tensor(t), context)
+        assert calls == [0, 0, 1, 1]
 
 
-def test_remove_patch_unwraps_pipeline(sd_pipe):
-    agentsd.apply_patch(sd_pipe)
-    assert "progress_bar" in sd_pipe.__dict__ and "scale_model_input" in sd_pipe.scheduler.__dict__
-    agentsd.remove_patch(sd_pipe)
-    assert "progress_bar" not in sd_pipe.__dict__ and "scale_model_input" not in sd_pipe.scheduler.__dict__
+@pytest.mark.parametrize(
+    "scheduler",
+    [*DDIMScheduler.from_config(DDIMScheduler().config).compatibles, LCMScheduler, TCDScheduler],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_scheduler_hands_out_views_of_its_timesteps(sd_pipe, scheduler):
+    """The stage reads each timestep's index from its storage: true of every scheduler of diffusers
+    that SD pipelines take (Karras sigmas too)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            schedulers = [scheduler.from_config(sd_pipe.scheduler.config)]
+            if "use_karras_sigmas" in schedulers[0].config:
+                schedulers.append(scheduler.from_config(sd_pipe.scheduler.config, use_karras_sigmas=True))
+    except ImportError as error:  # DPMSolverSDEScheduler needs torchsde
+        pytest.skip(str(error))
+    for instance in schedulers:
+        instance.set_timesteps(12)
+        timesteps = instance.timesteps
+        assert [list_position(t) for t in timesteps] == [(i, len(timesteps)) for i in range(len(timesteps))]
 
 
 def test_custom_schedule_and_stage_at():
@@ -103,8 +155,10 @@ def test_custom_schedule_and_stage_at():
     assert stage_at(paper_schedule(0.4), 0.39).sx == 4 and stage_at(paper_schedule(0.4), 0.4).sx == 2
 
 
-def test_timestep_index_reads_views_only():
+def test_list_position_reads_views_only():
     timesteps = torch.arange(10, 0, -1)
-    assert [timestep_index(t, timesteps) for t in timesteps[3:6]] == [3, 4, 5]
-    assert timestep_index(timesteps[4].clone(), timesteps) is None
-    assert timestep_index(7, timesteps) is None
+    assert [list_position(t) for t in timesteps[3:6]] == [(3, 10), (4, 10), (5, 10)]
+    assert list_position(timesteps[4].expand(2)) == (4, 10)  # the same timestep for a batch
+    assert list_position(timesteps[4].clone()) is None
+    assert list_position(timesteps[2:4]) is None  # two timesteps
+    assert list_position(7) is None

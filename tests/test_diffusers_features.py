@@ -1,0 +1,319 @@
+"""The patch under diffusers' features: IP-Adapters, processors set later, hooks that wrap forwards,
+offloading and casting, threads, copies and pickles. At ratio 0 nothing may change, bit for bit; at
+ratio > 0 agentsd must stay on."""
+
+import copy
+import io
+import pickle
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from accelerate import cpu_offload
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+
+import agentsd
+from agentsd.attention import AgentSDAttnProcessor
+from agentsd.models import tiny_pipeline
+from ip_adapters import image_embeds, ip_adapter_state_dict
+
+PATCH = dict(ratio=0.5, seed=0)  # the paper's schedule: both stages run in 4 steps
+
+
+def generate(pipe, steps=4, **kwargs):
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    return pipe("a cat", num_inference_steps=steps, height=32, width=32, output_type="np", **kwargs).images
+
+
+def merged_attn1(unet):
+    return [block_merge.block.attn1 for block_merge in unet._agentsd.blocks]
+
+
+def assert_agentsd_on(unet):
+    """Every merged block's attn1 runs agentsd's processor, and a call merges tokens in it."""
+    attns = merged_attn1(unet)
+    assert attns and all(isinstance(a.processor, AgentSDAttnProcessor) for a in attns)
+
+
+def load_ip_adapter(pipe, kind):
+    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, kind), subfolder="", weight_name="", image_encoder_folder=None)
+
+
+# ---------------------------------------------------------------- IP-Adapter
+
+
+@pytest.mark.parametrize("kind", ["plain", "plus", "faceid"])
+def test_ip_adapter_loads_and_unloads_in_any_order(kind):
+    pipe = tiny_pipeline("sd15")
+    embeds = dict(ip_adapter_image_embeds=[image_embeds(kind)])
+    plain = generate(pipe)
+    load_ip_adapter(pipe, kind)
+    with_adapter = generate(pipe, **embeds)
+    agentsd.apply_patch(pipe, ratio=0.0)  # patched over a loaded adapter
+    np.testing.assert_array_equal(generate(pipe, **embeds), with_adapter)
+    agentsd.apply_patch(pipe, **PATCH)
+    loaded_first = generate(pipe, **embeds)
+    assert np.abs(loaded_first - with_adapter).max() > 1e-3
+
+    pipe.unload_ip_adapter()  # unloaded while patched
+    assert_agentsd_on(pipe.unet)
+    patched = generate(pipe)
+    load_ip_adapter(pipe, kind)  # loaded while patched: the same images as loaded first
+    assert_agentsd_on(pipe.unet)
+    np.testing.assert_array_equal(generate(pipe, **embeds), loaded_first)
+    agentsd.remove_patch(pipe)
+    np.testing.assert_array_equal(generate(pipe, **embeds), with_adapter)
+    pipe.unload_ip_adapter()
+    np.testing.assert_array_equal(generate(pipe), plain)
+    agentsd.apply_patch(pipe, **PATCH)
+    np.testing.assert_array_equal(generate(pipe), patched)
+
+
+def test_ip_adapter_masks():
+    pipe = tiny_pipeline("sd15")
+    load_ip_adapter(pipe, "plain")
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16] = 1
+    call = dict(ip_adapter_image_embeds=[image_embeds("plain")],
+                cross_attention_kwargs={"ip_adapter_masks": IPAdapterMaskProcessor().preprocess(mask, height=32, width=32)})  # fmt: skip
+    masked = generate(pipe, **call)
+    assert np.abs(masked - generate(pipe, ip_adapter_image_embeds=call["ip_adapter_image_embeds"])).max() > 1e-3
+    agentsd.apply_patch(pipe, ratio=0.0)
+    np.testing.assert_array_equal(generate(pipe, **call), masked)
+    agentsd.apply_patch(pipe, **PATCH)
+    assert np.abs(generate(pipe, **call) - masked).max() > 1e-3
+
+
+# ---------------------------------------------------------------- processors set after the patch
+
+
+def test_set_default_attn_processor_goes_beneath_agentsd():
+    pipe = tiny_pipeline("sd15")
+    reference = tiny_pipeline("sd15")
+    reference.unet.set_default_attn_processor()
+    default = generate(reference)
+    agentsd.apply_patch(pipe, ratio=0.0)
+    pipe.unet.set_default_attn_processor()  # diffusers sees its own processors and accepts the call
+    np.testing.assert_array_equal(generate(pipe), default)
+    patched = generate(agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH))
+    agentsd.apply_patch(pipe, **PATCH)
+    assert_agentsd_on(pipe.unet)
+    assert all(type(a.processor.processor) is AttnProcessor for a in merged_attn1(pipe.unet))
+    np.testing.assert_allclose(generate(pipe), patched, atol=1e-5)  # the same algorithm, other attention kernels
+    agentsd.remove_patch(pipe)
+    assert all(type(p) is AttnProcessor for p in pipe.unet.attn_processors.values())
+    np.testing.assert_array_equal(generate(pipe), default)
+
+
+def test_attention_slicing_goes_beneath_agentsd():
+    pipe = tiny_pipeline("sd15")
+    reference = tiny_pipeline("sd15")
+    reference.enable_attention_slicing(1)
+    sliced = generate(reference)
+    agentsd.apply_patch(pipe, ratio=0.0)
+    pipe.enable_attention_slicing(1)
+    np.testing.assert_array_equal(generate(pipe), sliced)
+    agentsd.apply_patch(pipe, **PATCH)
+    assert_agentsd_on(pipe.unet)
+    assert all(type(a.processor.processor) is SlicedAttnProcessor for a in merged_attn1(pipe.unet))
+    patched_sliced = generate(pipe)
+    assert np.abs(patched_sliced - sliced).max() > 1e-3  # agentsd is on
+    pipe.disable_attention_slicing()
+    np.testing.assert_allclose(generate(pipe), patched_sliced, atol=1e-5)
+
+
+def test_a_processor_assigned_directly_warns_once():
+    pipe = agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH)
+    attn = merged_attn1(pipe.unet)[0]
+    attn.processor = AttnProcessor2_0()  # not through set_processor: agentsd cannot see it
+    with pytest.warns(UserWarning, match="assigned to attn1 directly") as warned:
+        generate(pipe, steps=2)
+    assert sum("directly" in str(w.message) for w in warned) == 1
+
+
+def test_a_processor_with_weights_is_set_as_it_is():
+    class Weighted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(()))
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return AttnProcessor2_0()(attn, hidden_states, *args, **kwargs) * self.gain
+
+    pipe = agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH)
+    attn = merged_attn1(pipe.unet)[0]
+    with pytest.warns(UserWarning, match="has weights of its own"):
+        attn.set_processor(Weighted())
+    assert type(attn.processor) is Weighted and "processor.gain" in dict(attn.named_parameters())
+    generate(pipe, steps=2)
+
+
+# ---------------------------------------------------------------- hooks that wrap forwards
+
+
+class CountCalls(ModelHook):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.calls += 1
+        return args, kwargs
+
+
+def hooked_modules(unet):
+    """A merged block and the modules lean_forward calls the insides of."""
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    return [block, block.attn1, block.attn2, block.ff]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_accelerate_hooks_run_on_every_call_and_survive_remove(when):
+    pipe = tiny_pipeline("sd15")
+    plain = generate(pipe)
+    patched = generate(agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH))
+    if when == "after":
+        agentsd.apply_patch(pipe, **PATCH)
+    hooks = [CountCalls() for _ in range(4)]
+    modules = hooked_modules(pipe.unet)
+    for module, hook in zip(modules, hooks):
+        add_hook_to_module(module, hook)
+    if when == "before":
+        agentsd.apply_patch(pipe, **PATCH)
+    unet_calls = []
+    pipe.unet.register_forward_pre_hook(lambda *_: unet_calls.append(1))
+    np.testing.assert_array_equal(generate(pipe), patched)
+    assert [h.calls for h in hooks] == [len(unet_calls)] * 4
+    agentsd.remove_patch(pipe)
+    np.testing.assert_array_equal(generate(pipe), plain)
+    assert [h.calls for h in hooks] == [len(unet_calls)] * 4  # still there after remove_patch
+    for module in modules:
+        remove_hook_from_module(module)
+    np.testing.assert_array_equal(generate(pipe), plain)
+
+
+@pytest.mark.parametrize("offload", ["accelerate", "group-leaf", "group-block", "layerwise-casting"])
+def test_offloading_and_casting(offload):
+    """accelerate's sequential offload (its cpu_offload, which enable_sequential_cpu_offload applies to each
+    model; that method itself fails on the CPU with accelerate 1.16, patched or not), diffusers' group
+    offloading and layerwise casting: ratio 0 is the unpatched result, agentsd stays on over them."""
+
+    def prepared(patch=None):
+        pipe = tiny_pipeline("sd15")
+        if patch == "before":
+            agentsd.apply_patch(pipe, **PATCH)
+        if offload == "accelerate":
+            cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+        elif offload.startswith("group"):
+            pipe.unet.enable_group_offload(torch.device("cpu"), offload_type=offload.removeprefix("group-") + "_level",
+                                           num_blocks_per_group=1)  # fmt: skip
+        else:
+            pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        return pipe
+
+    reference = generate(prepared())
+    pipe = prepared()
+    agentsd.apply_patch(pipe, ratio=0.0)
+    np.testing.assert_array_equal(generate(pipe), reference)
+    agentsd.apply_patch(pipe, **PATCH)
+    after = generate(pipe)
+    assert np.abs(after - reference).max() > 1e-3
+    np.testing.assert_allclose(generate(prepared("before")), after, atol=1e-5)
+    agentsd.remove_patch(pipe)
+    np.testing.assert_array_equal(generate(pipe), reference)
+
+
+# ---------------------------------------------------------------- threads, copies, pickles, schedulers
+
+
+def test_threads_sharing_one_unet_get_the_images_of_sequential_calls():
+    """Pipelines built from one set of components (each with a scheduler of its own, as unpatched
+    diffusers needs), at other stages and sizes, run at once in threads."""
+    txt2img = agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH)
+    img2img = StableDiffusionImg2ImgPipeline(**{**txt2img.components, "scheduler": copy.deepcopy(txt2img.scheduler)})
+    other_size = type(txt2img)(**{**txt2img.components, "scheduler": copy.deepcopy(txt2img.scheduler)})
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    runs = {
+        "txt2img": lambda: generate(txt2img, steps=8),
+        "img2img": lambda: generate(img2img, steps=8, image=image, strength=0.9),
+        "txt2img-64": lambda: other_size("a dog", num_inference_steps=8, height=64, width=48, output_type="np",
+                                      generator=torch.Generator().manual_seed(2)).images,  # fmt: skip
+    }
+    sequential = {name: run() for name, run in runs.items()}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for _ in range(2):
+            results, barrier = {}, threading.Barrier(len(runs))
+
+            def worker(name):
+                barrier.wait()
+                results[name] = runs[name]()
+
+            threads = [threading.Thread(target=worker, args=(name,)) for name in runs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            for name in runs:
+                np.testing.assert_array_equal(results[name], sequential[name], err_msg=name)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_deep_copy_is_an_independent_patched_pipeline():
+    pipe = agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH)
+    patched = generate(pipe)
+    plain = generate(tiny_pipeline("sd15"))
+    twin = copy.deepcopy(pipe)
+    assert agentsd.is_patched(twin) and twin.unet._agentsd is not pipe.unet._agentsd
+    np.testing.assert_array_equal(generate(twin), patched)
+    agentsd.remove_patch(twin)
+    np.testing.assert_array_equal(generate(twin), plain)
+    np.testing.assert_array_equal(generate(pipe), patched)  # the original keeps its patch
+    twin = copy.deepcopy(pipe)
+    agentsd.remove_patch(pipe)
+    np.testing.assert_array_equal(generate(twin), patched)  # and the copy keeps its own
+
+
+def test_pickled_unet_is_patched_the_same_way():
+    pipe = agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH)
+    patched = generate(pipe)
+    buffer = io.BytesIO()
+    torch.save(pipe.unet, buffer)
+    buffer.seek(0)
+    for unet in (pickle.loads(pickle.dumps(pipe.unet)), torch.load(buffer, weights_only=False)):
+        other = tiny_pipeline("sd15")
+        other.unet = unet
+        assert agentsd.is_patched(other)
+        np.testing.assert_array_equal(generate(other), patched)
+        agentsd.remove_patch(other)
+        np.testing.assert_array_equal(generate(other), generate(tiny_pipeline("sd15")))
+
+
+def test_a_scheduler_shared_by_two_patched_pipelines():
+    """Removing one pipeline's patch leaves the other's stages alone; the user's own attributes on the
+    pipeline and the scheduler stay."""
+    first = tiny_pipeline("sd15")
+    second = type(first)(**{**first.components, "unet": copy.deepcopy(first.unet)})
+    own_step = first.scheduler.scale_model_input
+    first.scheduler.scale_model_input = own_step  # set on the instance by the user
+    agentsd.apply_patch(first, **PATCH)
+    agentsd.apply_patch(second, **PATCH)
+    expected = generate(second)
+    agentsd.remove_patch(first)
+    np.testing.assert_array_equal(generate(second), expected)
+    assert first.scheduler.__dict__["scale_model_input"] is own_step
+
+
+def test_ratio_zero_sdxl_with_euler_is_bit_identical():
+    pipe = tiny_pipeline("sdxl")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    plain = generate(pipe)
+    agentsd.apply_patch(pipe, ratio=0.0)
+    np.testing.assert_array_equal(generate(pipe), plain)
