@@ -15,6 +15,10 @@ RATIO, K_SCALE2, K_SHORTCUT = 0.4, 0.3, 0.075
 # as ordinary attention does. k_shortcut weighs the V shortcut against the attention output (1: equal).
 K_SCALE2_RANGE, K_SHORTCUT_RANGE = (0.0, 1.0), (0.0, 1.0)
 MAX_DOWNSAMPLES = (1, 2, 4, 8)  # the four resolution levels of SD 1.x/2.x UNets (SDXL has three)
+# Blocks that see fewer tokens are not merged: at 4096 tokens (SD 1.5 at 512px, SDXL's second level at
+# 1024px) a merge plan that cost nothing would still speed a UNet call up by 0.99-1.01x (H100, CUDA
+# graph; docs/performance.md), so merging only costs time there; at 9216 (768px) it gives 1.08-1.14x.
+MIN_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class AgentSDConfig:
     merge_attn: bool
     merge_crossattn: bool
     merge_mlp: bool
+    min_tokens: int
 
 
 def build_config(
@@ -71,6 +76,7 @@ def build_config(
     merge_attn=True,
     merge_crossattn=False,
     merge_mlp=False,
+    min_tokens=None,
 ) -> AgentSDConfig:
     """Check every argument of apply_patch; raise TypeError/ValueError naming the parameter."""
     ratio = _ratio("ratio", ratio)
@@ -96,6 +102,10 @@ def build_config(
         raise ValueError(f"max_downsample must be None or one of {MAX_DOWNSAMPLES}, got {max_downsample!r}")
     if attn_precision not in ATTN_PRECISIONS:
         raise ValueError(f"attn_precision must be one of {ATTN_PRECISIONS}, got {attn_precision!r}")
+    if min_tokens is None:
+        min_tokens = MIN_TOKENS
+    if not isinstance(min_tokens, numbers.Integral) or _is_bool(min_tokens) or min_tokens < 0:
+        raise ValueError(f"min_tokens must be None or an int >= 0, got {min_tokens!r}")
     if seed is not None and (not isinstance(seed, numbers.Integral) or _is_bool(seed)):
         raise TypeError(f"seed must be None or an int, got {seed!r}")
     return AgentSDConfig(
@@ -111,6 +121,7 @@ def build_config(
         merge_attn=_flag("merge_attn", merge_attn),
         merge_crossattn=_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_flag("merge_mlp", merge_mlp),
+        min_tokens=int(min_tokens),
     )
 
 

@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import tuned_configs
+
 try:
     import triton
     import triton.language as tl
@@ -969,7 +971,7 @@ def _unmerge(y, workspace, residual, num_tokens, channels, dtype, width, sy, sx,
 _launchers = {}  # specialization key (_launch) -> launch(grid, args) through Triton's compiled kernel
 # From Triton 3.3 on, a compiled kernel's launcher takes the constexprs too (3.0-3.2 drop them from
 # its arguments): _launch calls it that way only there.
-_DIRECT_LAUNCH = triton is not None and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 3)
+_DIRECT_LAUNCH = triton is not None and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 3) and os.environ.get("AGENTSD_DIRECT_LAUNCH", "1") != "0"
 _recipes = {}  # (phase, what its launches depend on) -> the launches it recorded (_run)
 _recording = None  # while a phase records its launches: the list they go to
 
@@ -981,6 +983,9 @@ def _run(recipe, bases: tuple, launches) -> None:
     arguments or making views (one phase of an eager block at 512px is bound by the host). The key
     holds everything else the launches depend on; None: run without recording."""
     global _recording
+    if recipe is None or INTERPRET or not _DIRECT_LAUNCH:
+        launches()
+        return
     steps = _recipes.get(recipe)
     if steps is not None:
         addresses = [t.data_ptr() for t in bases]
@@ -989,9 +994,6 @@ def _run(recipe, bases: tuple, launches) -> None:
             for position, base, offset in tensors:
                 values[position] = addresses[base] + offset
             launcher(grid, values)
-        return
-    if recipe is None or INTERPRET or not _DIRECT_LAUNCH:
-        launches()
         return
     _recording = []
     try:
@@ -1136,14 +1138,26 @@ _matching_configs_found = {}  # (kernel, N, D, C, dtype): the config its autotun
 
 
 def _matching_config(tuned, grid, x, num_dst: int, *args, **meta):
-    """The config the autotuner of a matching kernel chose for this key; the first call of a key runs
-    the autotuner (which launches the kernel with `args` and `meta`)."""
+    """The config of a matching kernel for this key: chosen in this process, or stored on disk by an
+    earlier one (tuned_configs), or else by the autotuner (which launches the kernel with `args` and
+    `meta`), then stored."""
     key = (tuned, x.shape[1], num_dst, x.shape[2], x.dtype)
     config = _matching_configs_found.get(key)
     if config is None:
-        tuned[grid](*args, **meta)
-        config = _matching_configs_found[key] = tuned.best_config
+        name, disk_key = tuned.fn.fn.__name__, (*key[1:4], str(x.dtype).removeprefix("torch."))
+        stored = tuned_configs.load(x.device, name, disk_key)
+        config = next((c for c in tuned.configs if c.all_kwargs() == stored), None)
+        if config is None:
+            config = _autotune(tuned, grid, args, meta)
+            tuned_configs.store(x.device, name, disk_key, config.all_kwargs())
+        _matching_configs_found[key] = config
     return config
+
+
+def _autotune(tuned, grid, args, meta):
+    """Run Triton's autotuner of `tuned` once on these arguments and return the config it chose."""
+    tuned[grid](*args, **meta)
+    return tuned.best_config
 
 
 def _launch_matching(tuned, grid, x, num_dst: int, *args, config=None, **meta):

@@ -7,6 +7,7 @@ with a few channels: they let anyone check an install, and the tests run on them
 downloading anything.
 """
 
+import contextlib
 import json
 import tempfile
 
@@ -70,23 +71,32 @@ _SCHEDULER = dict(
 )  # fmt: skip
 
 
-def unet_from_config(kind: str, *, tiny: bool = False, seed: int = 0) -> UNet2DConditionModel:
-    """A random-weight UNet: "sd15", "sd21" or "sdxl", full size or tiny."""
+def unet_from_config(kind: str, *, tiny: bool = False, seed: int = 0, device=None) -> UNet2DConditionModel:
+    """A random-weight UNet: "sd15", "sd21" or "sdxl", full size or tiny; its weights drawn on `device`
+    (SDXL's 2.6 billion take a minute on a CPU, a moment on a GPU)."""
     configs = TINY_UNET_CONFIGS if tiny else UNET_CONFIGS
     if kind not in configs:
         raise ValueError(f"kind must be one of {sorted(configs)}, got {kind!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _on(device, seed):
         return UNet2DConditionModel(**configs[kind])
 
 
-def random_pipeline(kind: str, *, seed: int = 0):
+@contextlib.contextmanager
+def _on(device, seed: int):
+    """New tensors on `device`, drawn from torch's generators seeded with `seed` (restored after)."""
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        yield
+
+
+def random_pipeline(kind: str, *, seed: int = 0, device=None, dtype=None):
     """A full-size pipeline with random weights and no text encoders, for timing: call it with
-    prompt_embeds (and for SDXL pooled_prompt_embeds), shaped as CONTEXT says."""
-    unet = unet_from_config(kind, seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**SD_VAE)
+    prompt_embeds (and for SDXL pooled_prompt_embeds), shaped as CONTEXT says. Weights are drawn on
+    `device` and cast to `dtype`."""
+    unet = unet_from_config(kind, seed=seed, device=device).to(dtype=dtype)
+    with _on(device, seed + 1):
+        vae = AutoencoderKL(**SD_VAE).to(dtype=dtype)
     if kind != "sdxl":
         return StableDiffusionPipeline(
             vae=vae, text_encoder=None, tokenizer=None, unet=unet,

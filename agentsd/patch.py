@@ -50,6 +50,7 @@ def apply_patch(
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
+    min_tokens: int | None = None,
     scheduler=None,
 ):
     """Patch `model` with AgentSD in place and return it; remove_patch undoes it exactly.
@@ -83,6 +84,10 @@ def apply_patch(
         merge_attn: merge tokens for the self-attention (where agents act).
         merge_crossattn: also merge for the cross-attention (plain ToMe there).
         merge_mlp: also merge for the feed-forward.
+        min_tokens: merge only in blocks that see at least this many tokens; None: 8192 (SD 1.x/2.x
+            from 768px, SDXL's second level from about 1448px). At 4096 tokens even a free merge plan
+            does not speed a call up on a GPU with fused attention; 0 merges wherever the paper does
+            (as at 512px, its FID protocol).
         scheduler: only for loops that hand the UNet timesteps of their own rather than elements of
             `scheduler.timesteps` (diffusers' pipelines never do): agentsd looks them up in this
             scheduler's timesteps to find the stage.
@@ -90,7 +95,7 @@ def apply_patch(
     config = build_config(
         ratio=ratio, sx=sx, sy=sy, agent_ratio=agent_ratio, schedule=schedule, max_downsample=max_downsample,
         k_scale2=k_scale2, k_shortcut=k_shortcut, attn_precision=attn_precision, use_rand=use_rand,
-        seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
+        seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, min_tokens=min_tokens,
     )  # fmt: skip
     unet = _find_unet(model)
     blocks = transformer_blocks(unet)
@@ -219,6 +224,8 @@ class UNetPatch:
         if call.stage is None:  # a block called outside a UNet call
             return None
         num_tokens = x.shape[1]
+        if num_tokens < self.config.min_tokens:
+            return None
         grid = token_grid(call.latent_size, num_tokens)
         if grid.downsample > self.max_downsample or grid.height * grid.width != num_tokens:
             return None

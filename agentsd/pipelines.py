@@ -89,6 +89,22 @@ def patch_settings(method: str, ratio: float, **settings) -> dict:
     return dict(settings, ratio=ratio)
 
 
+def enable_deepcache(pipe, interval: int, branch: int = 0):
+    """DeepCache's step caching on `pipe` (Ma et al., "DeepCache", CVPR 2024, through its public package):
+    the full UNet every `interval` steps, the cached deep features in between. It composes with
+    apply_patch in either order; the helper's disable() removes it. Returns the helper."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"the DeepCache interval must be an int >= 1, got {interval!r}")
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError:
+        raise ImportError("DeepCache is not installed: pip install \"agentsd[deepcache]\"") from None
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)  # branch 0: DeepCache's default for SD
+    helper.enable()
+    return helper
+
+
 def patch_pipeline(pipe, settings: dict):
     if settings:
         apply_patch(pipe, **settings)

@@ -174,7 +174,7 @@ def variant(unet, kind, name, ratio, latent_size):
                 stage = STAGES[name.removeprefix("free-")]
                 num_dst = (h // stage["sy"]) * (w // stage["sx"])
                 processor = FreePlanProcessor(h * w, num_dst, ratio, stage["agent_ratio"], unet.device)
-                if is_lean(block, block.attn1.processor):  # the stages' blocks run lean_forward
+                if is_lean(block):  # the stages' blocks run lean_forward
                     block.forward = lean_free_forward(block, processor)
             originals[block] = block.attn1.processor
             block.attn1.set_processor(processor)

@@ -8,6 +8,7 @@ import torch
 if not torch.cuda.is_available():  # run the Triton kernels in its CPU interpreter (read at triton import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import agentsd.config
 from agentsd.models import TINY_UNET_CONFIGS, tiny_pipeline, unet_from_config
 
 KINDS = ("sd15", "sd21", "sdxl")
@@ -15,6 +16,13 @@ KINDS = ("sd15", "sd21", "sdxl")
 DEVICE = os.environ.get("AGENTSD_TEST_DEVICE", "cpu")
 if DEVICE == "cuda":  # TF32 convolutions round at 1e-3, far above the 1e-4 of the parity tests
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.fixture(autouse=True)
+def merge_tiny_models(monkeypatch):
+    """The tiny models' blocks see a few dozen tokens, far below the default min_tokens: merge there
+    as the paper does at any size (tests of the default rule set min_tokens themselves)."""
+    monkeypatch.setattr(agentsd.config, "MIN_TOKENS", 0)
 
 
 def tiny_unet(kind):

@@ -121,3 +121,19 @@ def test_every_parameter_is_documented():
     doc = agentsd.apply_patch.__doc__
     for name in inspect.signature(agentsd.apply_patch).parameters:
         assert f"{name}:" in doc or f"{name}, " in doc or f", {name}:" in doc, name
+
+
+def test_blocks_below_min_tokens_are_not_merged():
+    """The default rule: a level whose blocks see fewer than min_tokens runs unmerged (bit for bit);
+    at or above it, it merges."""
+    unet = unet_from_config("sd15", tiny=True).eval()
+    inputs = unet_inputs("sd15", latent=(10, 14))  # 140 tokens at the top level
+    baseline = run_unet(unet, inputs)
+    agentsd.apply_patch(unet, **FIXED, min_tokens=141)
+    assert torch.equal(run_unet(unet, inputs), baseline)
+    agentsd.apply_patch(unet, **FIXED, min_tokens=140)
+    assert not torch.equal(run_unet(unet, inputs), baseline)
+    agentsd.apply_patch(unet, **FIXED, min_tokens=None)
+    assert unet._agentsd.config.min_tokens == agentsd.config.MIN_TOKENS
+    with pytest.raises(ValueError, match="min_tokens must be None or an int >= 0"):
+        agentsd.apply_patch(unet, **FIXED, min_tokens=-1)

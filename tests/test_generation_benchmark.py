@@ -1,0 +1,67 @@
+"""`agentsd benchmark speed`: whole generations, every method, its outputs and its bad input (on the
+CPU: the tiny configuration; no timings asserted)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from agentsd import speed_benchmark
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU configuration")
+
+
+def test_every_method_runs_and_every_output_is_written(tmp_path):
+    pytest.importorskip("DeepCache")
+    pytest.importorskip("tomesd")
+    speed_benchmark.main(["--rounds", "2", "--first-image-methods", "agentsd", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json", "results.md", "speed.png"]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(speed_benchmark.METHODS)
+    assert all(r["finite"] and len(r["seconds"]) == 2 and r["s_per_image"] > 0 for r in rows)
+    baseline = rows[0]
+    assert baseline["speedup"] == 1.0 and "first_image_s" not in baseline
+    agentsd_row = rows[1]
+    assert agentsd_row["first_image_s"] > 0 and agentsd_row["first_image_cold_s"] > 0  # both fresh processes ran
+    assert [r["method"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == list(speed_benchmark.METHODS)
+    head = json.loads((tmp_path / "results.json").read_text())["header"]
+    assert head["command"].startswith("agentsd benchmark speed") and head["torch"] == torch.__version__
+    assert "| tiny | eager | agentsd+deepcache |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--methods", "fast"], "invalid choice: 'fast'"),
+        (["--configs", "sd15-999"], "invalid choice: 'sd15-999'"),
+        (["--deepcache-interval", "0"], "--deepcache-interval must be at least 1"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--modes", "graph"], "invalid choice: 'graph'"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        speed_benchmark.main([*args, "--out", str(out)])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_missing_peer_package_is_named(tmp_path, capsys, monkeypatch):
+    real = speed_benchmark.importlib.util.find_spec
+    monkeypatch.setattr(speed_benchmark.importlib.util, "find_spec", lambda name: None if name == "DeepCache" else real(name))
+    with pytest.raises(SystemExit) as exit_:
+        speed_benchmark.main(["--methods", "agentsd+deepcache", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert 'needs the DeepCache package: pip install "agentsd[deepcache]"' in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("keep")
+    with pytest.raises(SystemExit):
+        speed_benchmark.main(["--out", str(out)])
+    assert "is a file" in capsys.readouterr().err and out.read_text() == "keep"

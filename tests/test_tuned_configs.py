@@ -1,0 +1,63 @@
+"""Autotuning runs once per GPU, kernel source and shape, not once per process: a new process at a size
+seen before reads the config from disk. Run on the CPU through Triton's interpreter, with a fake tuner
+that counts its calls."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agentsd import kernels, tuned_configs
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+
+# One process: the configs of both matching kernels for a block input at the given grid (a plan asks
+# for them so), then the tuner's calls.
+PROCESS = textwrap.dedent(
+    """
+    import sys, torch
+    from agentsd import kernels
+    calls = []
+
+    def fake_autotune(tuned, grid, args, meta):
+        calls.append(tuned.fn.fn.__name__)
+        return tuned.configs[-1]
+
+    kernels._autotune = fake_autotune
+    height, width = map(int, sys.argv[1:3])
+    x = torch.randn(2, height * width, 32)
+    for tuned in (kernels._best_destination_kernel, kernels._best_destination_resident_kernel):
+        assert kernels._matching_config(tuned, None, x, height * width // 4) is tuned.configs[-1]
+    print(len(calls))
+    """
+)
+
+
+def tuner_calls(cache, height=8, width=8) -> int:
+    env = dict(os.environ, AGENTSD_CACHE_DIR=str(cache), TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", PROCESS, str(height), str(width)], env=env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    return int(result.stdout.split()[-1])
+
+
+def test_a_second_process_does_not_tune_again(tmp_path):
+    assert tuner_calls(tmp_path) == 2
+    files = list((tmp_path / "kernel-configs").rglob("*.json"))
+    assert len(files) == 2 and all("BLOCK_M" in json.loads(f.read_text()) for f in files)
+    assert tuner_calls(tmp_path) == 0  # a fresh process, the same size: read from disk
+    # a file from other candidates or a torn one is never used
+    files[0].write_text(json.dumps({"BLOCK_M": 999}))
+    files[1].write_text("{not json")
+    assert tuner_calls(tmp_path) == 2
+    assert tuner_calls(tmp_path, 8, 12) == 2  # another size tunes once
+
+
+def test_unwritable_cache_only_means_tuning_again(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("AGENTSD_CACHE_DIR", str(blocker))  # a file where a folder should be
+    tuned_configs.store(kernels.torch.device("cpu"), "kernel", (1, 2), {"BLOCK_M": 1})
+    assert tuned_configs.load(kernels.torch.device("cpu"), "kernel", (1, 2)) is None
