@@ -149,26 +149,32 @@ def transformer_blocks(unet: UNet2DConditionModel) -> list[tuple[int, BasicTrans
 
 
 class PerThread(threading.local):
-    """Attributes that each thread sets and reads for itself (the class attributes are the defaults).
-    A copy or an unpickled patch starts with none set."""
+    """Attributes that each thread sets and reads for itself, all None in a new thread (set in
+    __init__, which threading.local runs once per thread: torch 2.11's dynamo reads class attributes
+    instead of a thread's own). A copy or an unpickled patch starts with none set."""
+
+    names = ()
+
+    def __init__(self):
+        for name in self.names:
+            setattr(self, name, None)
 
     def __reduce__(self):
         return type(self), ()
 
 
 class CallState(PerThread):
-    """The UNet call running in this thread, as before_unet found it."""
+    """The UNet call running in this thread, as before_unet found it: the index of its stage in
+    config.stages (an int: torch 2.11's dynamo cannot guard a Stage read from here), latent size, seed
+    of the destinations (None: top-left) and timestep."""
 
-    stage = None
-    latent_size = None
-    seed = None  # None: top-left destinations
-    timestep = None
+    names = ("stage_index", "latent_size", "seed", "timestep")
 
 
 class PlanSlot(PerThread):
     """A block's merge plan for the call running in this thread, until its last use."""
 
-    plan = None
+    names = ("plan",)
 
 
 class UNetPatch:
@@ -209,7 +215,7 @@ class UNetPatch:
         call = self.call
         call.latent_size = tuple(sample.shape[-2:])
         stages = self.config.stages
-        call.stage = stages[0] if len(stages) == 1 else stage_at(stages, trajectory_fraction(timestep, self.scheduler))
+        call.stage_index = 0 if len(stages) == 1 else stages.index(stage_at(stages, trajectory_fraction(timestep, self.scheduler)))
         # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
         use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
         call.seed = self.config.seed if use_rand else None
@@ -221,7 +227,7 @@ class UNetPatch:
     def plan_for(self, x: torch.Tensor):
         """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched."""
         call = self.call
-        if call.stage is None:  # a block called outside a UNet call
+        if call.stage_index is None:  # a block called outside a UNet call
             return None
         num_tokens = x.shape[1]
         if num_tokens < self.config.min_tokens:
@@ -229,7 +235,7 @@ class UNetPatch:
         grid = token_grid(call.latent_size, num_tokens)
         if grid.downsample > self.max_downsample or grid.height * grid.width != num_tokens:
             return None
-        stage = call.stage
+        stage = self.config.stages[call.stage_index]
         num_dst = (grid.height // stage.sy) * (grid.width // stage.sx)
         num_merged, num_agent_merged = merge_counts(num_tokens, num_dst, stage.ratio, stage.agent_ratio)
         if num_merged == 0:

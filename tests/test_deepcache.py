@@ -88,7 +88,7 @@ def test_the_schedule_follows_the_scheduler_under_deepcache():
     deepcache(pipe)
     patch = pipe.unet._agentsd
     stages = []
-    pipe.unet.register_forward_pre_hook(lambda *_: stages.append(patch.config.stages.index(patch.call.stage)))
+    pipe.unet.register_forward_pre_hook(lambda *_: stages.append(patch.call.stage_index))
     generate(pipe, steps=10)
     assert stages == [0] * 5 + [1] * 6  # PNDM: 11 timesteps for 10 steps, the first 40% with agents
 

@@ -54,7 +54,7 @@ def test_pipeline_generates_with_patch(name):
     baseline = generate(pipe, extra)
     agentsd.apply_patch(pipe, ratio=0.5)
     stages = []
-    spy = pipe.unet.register_forward_pre_hook(lambda *_: stages.append(pipe.unet._agentsd.call.stage.sx))
+    spy = pipe.unet.register_forward_pre_hook(lambda *_: stages.append(pipe.unet._agentsd.config.stages[pipe.unet._agentsd.call.stage_index].sx))
     patched = generate(pipe, extra)
     spy.remove()
     assert patched.shape == baseline.shape == (1, SIZE, SIZE, 3)

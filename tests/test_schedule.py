@@ -30,7 +30,7 @@ def record_stages(unet):
     patch's own pre-hook has set it."""
     patch = unet._agentsd
     calls = []
-    unet.register_forward_pre_hook(lambda *_: calls.append(patch.config.stages.index(patch.call.stage)))
+    unet.register_forward_pre_hook(lambda *_: calls.append(patch.call.stage_index))
     return calls
 
 
