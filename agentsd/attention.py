@@ -29,21 +29,21 @@ class AgentSDAttnProcessor:
     `processor` is the one beneath, which diffusers sees (attn.get_processor()) and replaces
     (set_attn_processor, set_default_attn_processor, attention slicing, IP-Adapter loading): the
     patch wraps every processor set on a patched attn1, so agentsd stays on over it. It reads the merge
-    plan that the block's forward left for this call (`block_merge.plan_of`). Without one (unmerged
+    plan that the block's forward left for this call (`patched_block.plan_of`). Without one (unmerged
     level, ratio too small, a mask or another sequence length) it calls `processor`, unchanged. With
     one, plain ToMe attention runs `processor` on the merged tokens (`plain_attention` where that is
     AttnProcessor2_0: the same in fewer host steps), and agent attention takes its place where it is
     one of SOFTMAX_PROCESSORS (else the agent stage is ToMe around it too).
     """
 
-    def __init__(self, block_merge, attn: Attention, processor):
-        self.block_merge = block_merge
+    def __init__(self, patched_block, attn: Attention, processor):
+        self.patched_block = patched_block
         self.processor = processor
         self.plain = is_plain(attn, processor)  # plain_attention computes what `processor` does
         self.agents = type(processor) in SOFTMAX_PROCESSORS and plain_module(attn)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        plan = self.block_merge.plan_of(attn)
+        plan = self.patched_block.plan_of(attn)
         if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.num_tokens:
             return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         return self.merged_attention(attn, hidden_states, encoder_hidden_states, plan, **kwargs)
@@ -51,7 +51,7 @@ class AgentSDAttnProcessor:
     def merged_attention(self, attn, x: torch.Tensor, context: torch.Tensor | None, plan, residual=None, **kwargs) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C) through the merged sequence of `plan` (+ `residual`, added as the
         output is unmerged)."""
-        config = self.block_merge.patch.config
+        config = self.patched_block.patch.config
         if plan.num_agent_merged is not None and context is None and self.agents:
             merged, agents = merge_with_agents(x, plan)
             return unmerge(agent_attention_of(attn, merged, agents, config), plan, residual)

@@ -47,11 +47,11 @@ def is_lean(block: nn.Module) -> bool:
     )
 
 
-def runs_lean(block: nn.Module, processor, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether this call of a block of is_lean, whose attn1 runs agentsd's `processor`, may run
-    lean_forward: nothing that diffusers' forward would honour and lean_forward would not (masks, extra
-    arguments, chunked feed-forward, other processors, hooks or wrapped forwards on the modules it
-    calls the insides of)."""
+def runs_lean(block: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether this call of a block of is_lean, whose attn1 the caller found plain, may run lean_forward:
+    nothing that diffusers' forward would honour and lean_forward would not (masks, extra arguments,
+    chunked feed-forward, another processor on attn2, hooks or wrapped forwards on the modules it calls
+    the insides of)."""
     return (
         not args
         and hidden_states.ndim == 3
@@ -61,7 +61,6 @@ def runs_lean(block: nn.Module, processor, hidden_states: torch.Tensor, args: tu
         and not kwargs.get("cross_attention_kwargs")
         and kwargs.keys() <= _BLOCK_KWARGS
         and block._chunk_size is None
-        and processor.plain
         and type(block.attn2.processor) is AttnProcessor2_0
         and not any(_wrapped(m) for m in (block.attn1, block.attn2, block.ff, block.ff.net[0]))
     )

@@ -21,7 +21,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-from .attention import AgentSDAttnProcessor, plain_attention
+from .attention import AgentSDAttnProcessor, is_plain, plain_attention
 from .block import is_lean, lean_forward, runs_lean
 from .config import K_SCALE2, K_SHORTCUT, RATIO, AgentSDConfig, build_config
 from .merge import merge, merge_counts, plan_block, token_grid, unmerge
@@ -192,19 +192,19 @@ class UNetPatch:
         ]
         self.blocks = []
         for level, block in blocks:
-            if level > self.max_downsample:  # never merged: no hooks, no host time per call
-                continue
             users = (block.attn1, config.merge_attn), (block.attn2, config.merge_crossattn), (block.ff, config.merge_mlp)
-            users = [m for m, wanted in users if wanted and m is not None]
-            if users:  # else nothing merges in this block: no plan, no hooks
-                self.blocks.append(BlockMerge(self, block, users))
+            # Only the merged levels (by default the top one) plan and merge; every block that lean_forward
+            # can run gets it, so that eager calls spend less host time in diffusers' generality.
+            users = [m for m, wanted in users if wanted and m is not None and level <= self.max_downsample]
+            if users or is_lean(block):
+                self.blocks.append(PatchedBlock(self, block, users))
         unet._agentsd = self
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for block_merge in self.blocks:
-            block_merge.remove()
+        for patched_block in self.blocks:
+            patched_block.remove()
 
     # Eager even inside a compiled UNet: it reads the timestep's place in its list from tensor metadata,
     # and the compiled blocks read only the stage it sets (one graph per stage).
@@ -245,13 +245,15 @@ class UNetPatch:
         return plan_block(x, grid, stage.sy, stage.sx, num_merged, num_agent_merged, call.seed, call.timestep)
 
 
-class BlockMerge:
-    """The merge plan of one transformer block for the current call, and the block's forward and hooks."""
+class PatchedBlock:
+    """One transformer block under the patch: its forward, and for the modules that merge (`users`,
+    none in blocks of deeper levels) the merge plan of the current call and its hooks."""
 
     def __init__(self, patch: UNetPatch, block, users):
         self.patch = patch
         self.block = block
-        self.last_user = users[-1]  # the plan is given up after it, before the feed-forward where memory peaks
+        self.users = users
+        self.last_user = users[-1] if users else None  # the plan is given up after it, before the feed-forward where memory peaks
         self.slot = PlanSlot()
         self.lean = is_lean(block)
         self.removed = False
@@ -294,7 +296,7 @@ class BlockMerge:
 
     def own_processor(self) -> AgentSDAttnProcessor | None:
         processor = self.block.attn1.processor
-        return processor if type(processor) is AgentSDAttnProcessor and processor.block_merge is self else None
+        return processor if type(processor) is AgentSDAttnProcessor and processor.patched_block is self else None
 
     def set_processor(self, processor) -> None:
         """attn1.set_processor while patched: the processor goes beneath agentsd, which stays on."""
@@ -338,7 +340,8 @@ class BlockMerge:
         forward it replaced."""
         if self.removed:
             return self.forward_replaced(hidden_states, *args, **kwargs)
-        self.slot.plan = self.patch.plan_for(hidden_states)
+        if self.users:
+            self.slot.plan = self.patch.plan_for(hidden_states)
         processor = self.own_processor() if self.merges_attn1 else None
         if self.merges_attn1 and processor is None and not self.warned:
             self.warned = True
@@ -347,12 +350,8 @@ class BlockMerge:
                 "off that self-attention; set_processor / set_attn_processor keep agentsd on over it.",
                 stacklevel=2,
             )
-        if (
-            self.lean
-            and processor is not None
-            and self.forward_beneath is None
-            and runs_lean(self.block, processor, hidden_states, args, kwargs)
-        ):
+        attn1_plain = processor.plain if processor is not None else not self.merges_attn1 and is_plain(self.block.attn1, self.block.attn1.processor)
+        if self.lean and attn1_plain and self.forward_beneath is None and runs_lean(self.block, hidden_states, args, kwargs):
             return lean_forward(self.block, hidden_states, kwargs["encoder_hidden_states"], self.self_attention)
         return self.forward_replaced(hidden_states, *args, **kwargs)
 
@@ -365,7 +364,7 @@ class BlockMerge:
     def self_attention(self, h, residual):
         """block.attn1(h) + residual in lean_forward."""
         attn = self.block.attn1
-        plan = self.plan_of(attn)
+        plan = self.plan_of(attn) if self.merges_attn1 else None
         if plan is None:
             return plain_attention(attn, h, h) + residual
         return attn.processor.merged_attention(attn, h, None, plan, residual)

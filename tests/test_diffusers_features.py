@@ -31,7 +31,7 @@ def generate(pipe, steps=4, **kwargs):
 
 
 def merged_attn1(unet):
-    return [block_merge.block.attn1 for block_merge in unet._agentsd.blocks]
+    return [patched.block.attn1 for patched in unet._agentsd.blocks if patched.merges_attn1]
 
 
 def assert_agentsd_on(unet):

@@ -104,17 +104,18 @@ def test_reapply_replaces_the_old_patch(unet, kind):
     hooks = sum(len(m._forward_pre_hooks) for m in unet.modules())
     assert hooks == 1  # the UNet's: nothing left from earlier patches
     forwards = [b.forward.__self__ for _, b in transformer_blocks(unet) if "forward" in b.__dict__]
-    assert len(forwards) == len(merged_blocks(unet)) and all(f.patch is unet._agentsd for f in forwards)
+    assert len(forwards) == len(transformer_blocks(unet)) and all(f.patch is unet._agentsd for f in forwards)
 
 
-def test_only_the_merged_levels_are_touched(unet, kind):
-    """Blocks of deeper levels keep their processor and forward (no host time per call)."""
+def test_only_the_merged_levels_merge(unet, kind):
+    """Blocks of deeper levels run the lean forward only: no processor of agentsd's, no plan, no hooks."""
     agentsd.apply_patch(unet, 0.5, **AGENT_STAGE)
     merged = merged_blocks(unet)
     assert 0 < len(merged) < len(transformer_blocks(unet))
     for _, block in transformer_blocks(unet):
-        assert ("forward" in block.__dict__) == (block in merged)
+        assert "forward" in block.__dict__ and bool(block.forward.__self__.users) == (block in merged)
         assert isinstance(block.attn1.processor, AgentSDAttnProcessor) == (block in merged)
+        assert not any(m._forward_pre_hooks for m in block.modules())
 
 
 def merged_blocks(unet):
@@ -142,15 +143,15 @@ def test_plans_are_freed_after_their_last_use(flags):
     agentsd.apply_patch(unet, 0.5, **TOME_STAGE, **flags)
     patch = unet._agentsd
     blocks = merged_blocks(unet)
-    block_merges = [b.forward.__self__ for b in blocks]  # BlockMerge.forward
+    patched = [b.forward.__self__ for b in blocks]  # PatchedBlock.forward
     planned, held_at_ff = [], []
-    for block, block_merge in zip(blocks, block_merges):
-        block.attn1.register_forward_pre_hook(lambda *_, m=block_merge: planned.append(m.slot.plan is not None))
-        block.ff.register_forward_pre_hook(lambda *_, m=block_merge: held_at_ff.append(m.slot.plan is not None))
+    for block, patched_block in zip(blocks, patched):
+        block.attn1.register_forward_pre_hook(lambda *_, m=patched_block: planned.append(m.slot.plan is not None))
+        block.ff.register_forward_pre_hook(lambda *_, m=patched_block: held_at_ff.append(m.slot.plan is not None))
     run_unet(unet, unet_inputs("sd15"))
     assert any(planned)  # some blocks were merged
     assert held_at_ff == ([False] * len(blocks) if not flags.get("merge_mlp") else planned)
-    assert all(m.slot.plan is None for m in block_merges)
+    assert all(m.slot.plan is None for m in patched)
     assert patch.call.timestep is None
 
 
