@@ -45,8 +45,8 @@ def main(argv=None):
         args.lengths, args.reps, args.dim, args.agents = [256, 1024], 2, 64, 16
     layers = {
         "full SDPA": FullSelfAttention(args.dim),
-        "agent (talking heads, gate)": AgentSelfAttention(args.dim, args.agents),
-        "agent (plain)": AgentSelfAttention(args.dim, args.agents, talking_heads=False, gate=False),
+        "agent (talking heads, gate)": AgentSelfAttention(args.dim, num_agent_tokens=args.agents),
+        "agent (plain)": AgentSelfAttention(args.dim, num_agent_tokens=args.agents, talking_heads=False, gate=False),
     }
     rows = []
     for length in args.lengths:
