@@ -16,8 +16,9 @@ RATIO, K_SCALE2, K_SHORTCUT = 0.4, 0.3, 0.075
 K_SCALE2_RANGE, K_SHORTCUT_RANGE = (0.0, 1.0), (0.0, 1.0)
 MAX_DOWNSAMPLES = (1, 2, 4, 8)  # the four resolution levels of SD 1.x/2.x UNets (SDXL has three)
 # Blocks that see fewer tokens are not merged: at 4096 tokens (SD 1.5 at 512px, SDXL's second level at
-# 1024px) a merge plan that cost nothing would still speed a UNet call up by 0.99-1.01x (H100, CUDA
-# graph; docs/performance.md), so merging only costs time there; at 9216 (768px) it gives 1.08-1.14x.
+# 1024px) a merge plan that cost nothing would speed a UNet call up by 1.02-1.04x at most (H100, CUDA
+# graph; docs/performance.md), and eager calls of that size are bound by the host, where the plan's
+# launches cost more than that; at 9216 tokens (768px) agentsd's stages give 1.08-1.14x.
 MIN_TOKENS = 8192
 
 

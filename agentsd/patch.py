@@ -86,8 +86,8 @@ def apply_patch(
         merge_mlp: also merge for the feed-forward.
         min_tokens: merge only in blocks that see at least this many tokens; None: 8192 (SD 1.x/2.x
             from 768px, SDXL's second level from about 1448px). At 4096 tokens even a free merge plan
-            does not speed a call up on a GPU with fused attention; 0 merges wherever the paper does
-            (as at 512px, its FID protocol).
+            gains at most 1.04x on a GPU with fused attention, less than the plan's launches cost in
+            an eager call; 0 merges wherever the paper does (as at 512px, its FID protocol).
         scheduler: only for loops that hand the UNet timesteps of their own rather than elements of
             `scheduler.timesteps` (diffusers' pipelines never do): agentsd looks them up in this
             scheduler's timesteps to find the stage.

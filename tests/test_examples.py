@@ -14,6 +14,7 @@ RUNS = {
     "img2img.py": ["--model", "tiny", "--steps", "4"],
     "controlnet.py": ["--model", "tiny", "--steps", "3"],
     "compile.py": ["--model", "tiny", "--steps", "3", "--backend", "eager"],
+    "deepcache.py": ["--model", "tiny", "--steps", "4"],
 }
 
 
@@ -23,6 +24,8 @@ def test_every_example_is_tested():
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_example_runs_with_a_tiny_model(name, tmp_path):
+    if name == "deepcache.py":
+        pytest.importorskip("DeepCache")
     out = tmp_path / "image.png"
     result = subprocess.run([sys.executable, str(EXAMPLES / name), *RUNS[name], "--out", str(out)],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
