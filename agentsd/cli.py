@@ -1,49 +1,94 @@
 """The `agentsd` command: `agentsd generate ...` makes images, `agentsd benchmark ...` runs the FID benchmark."""
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from . import __version__
 from .config import ATTN_PRECISIONS, MAX_DOWNSAMPLES
-from .generate import Job, generate_images, save_png
-from .pipelines import DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS, LoadError, load_pipeline, patch_pipeline, patch_settings, resolve_device
+from .environment import torchvision_problem
+from .options import (
+    check_device,
+    check_output_folder,
+    finite_float,
+    guidance_scale,
+    image_size,
+    make_output_folder,
+    positive_int,
+    remove_made_folders,
+    seed,
+)
+from .pipelines import DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS
+
+# apply_patch's keywords as options, to name the option in build_config's messages
+PATCH_OPTIONS = {"agent_ratio": "--agent-ratio", "ratio": "--ratio", "sx": "--sx", "sy": "--sy", "k_scale2": "--k-scale2",
+                 "k_shortcut": "--k-shortcut", "max_downsample": "--max-downsample", "attn_precision": "--attn-precision",
+                 "seed": "--patch-seed"}  # fmt: skip
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments that `generate` and the FID benchmark share."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="hub id or local folder of a diffusers pipeline; 'tiny' or 'tiny-sdxl' for random tiny ones")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    parser.add_argument("--height", type=int, default=None, help="default: the model's own size")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+    parser.add_argument("--guidance", type=guidance_scale, default=7.5,
+                        help="classifier-free guidance scale, >= 0 (up to 1: no guidance)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the first image; image i uses seed + i")
+    parser.add_argument("--height", type=image_size, default=None,
+                        help="a multiple of 8 (default: the model's own size)")
+    parser.add_argument("--width", type=image_size, default=None, help="a multiple of 8")
+    parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the pipeline's own")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu (default: cuda if available, else cpu)")
 
 
 def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     """apply_patch's settings (default: its own defaults, the paper's schedule for agentsd)."""
     group = parser.add_argument_group("agentsd settings (see the README's apply_patch table)")
-    group.add_argument("--sx", type=int)
-    group.add_argument("--sy", type=int)
-    group.add_argument("--agent-ratio", type=float)
+    group.add_argument("--sx", type=positive_int)
+    group.add_argument("--sy", type=positive_int)
+    group.add_argument("--agent-ratio", type=finite_float)
     group.add_argument("--max-downsample", type=int, choices=MAX_DOWNSAMPLES)
-    group.add_argument("--k-scale2", type=float)
-    group.add_argument("--k-shortcut", type=float)
+    group.add_argument("--k-scale2", type=finite_float)
+    group.add_argument("--k-shortcut", type=finite_float)
     group.add_argument("--attn-precision", choices=[p for p in ATTN_PRECISIONS if p])
     group.add_argument("--no-rand", dest="use_rand", action="store_false", default=None,
                        help="top-left destinations instead of random ones")
-    group.add_argument("--patch-seed", type=int, help="seed of the random destinations (default: --seed)")
+    group.add_argument("--patch-seed", type=seed, help="seed of the random destinations (default: --seed)")
     group.add_argument("--merge-crossattn", action="store_true", default=None)
     group.add_argument("--merge-mlp", action="store_true", default=None)
 
 
+def check_model_arguments(args, parser) -> None:
+    """The shared arguments that argparse cannot check alone; a parser error naming the option."""
+    if args.device is not None:
+        try:
+            check_device(args.device)
+        except ValueError as error:
+            parser.error(f"argument --device: {error}")
+    check_out(args, parser)
+
+
+def check_out(args, parser) -> None:
+    try:
+        check_output_folder(Path(args.out))
+    except ValueError as error:
+        parser.error(f"argument --out: {error}")
+
+
+def exit_if_broken_install(parser) -> None:
+    """Before anything imports diffusers: a torchvision that does not match torch, in one paragraph."""
+    problem = torchvision_problem()
+    if problem:
+        parser.error(problem)
+
+
 def settings_from(args, parser) -> dict:
-    """Checked apply_patch keywords for args.method, or a parser error naming the bad one."""
+    """Checked apply_patch keywords for args.method, or a parser error naming the bad option."""
+    from .pipelines import patch_settings
+
     names = ("sx", "sy", "agent_ratio", "max_downsample", "k_scale2", "k_shortcut", "attn_precision", "use_rand",
              "merge_crossattn", "merge_mlp")  # fmt: skip
     settings = {name: getattr(args, name) for name in names}
@@ -51,7 +96,8 @@ def settings_from(args, parser) -> dict:
     try:
         return patch_settings(args.method, args.ratio, **settings)
     except (TypeError, ValueError) as error:
-        parser.error(str(error))
+        pattern = r"\b(" + "|".join(PATCH_OPTIONS) + r")\b"
+        parser.error(re.sub(pattern, lambda match: PATCH_OPTIONS[match.group(1)], str(error)))
 
 
 def read_prompts(args, parser) -> list[str]:
@@ -59,10 +105,14 @@ def read_prompts(args, parser) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            parser.error(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            parser.error(f"argument --prompts-file: {path} does not exist or is not a file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"argument --prompts-file: cannot read {path} as UTF-8 text ({type(error).__name__})")
+        prompts += [line.strip() for line in lines if line.strip()]
         if not prompts:
-            parser.error(f"--prompts-file {path} has no prompts (one a line)")
+            parser.error(f"argument --prompts-file: {path} has no prompts (one a line)")
     if not prompts:
         parser.error("give at least one prompt, as arguments or with --prompts-file")
     return prompts
@@ -70,19 +120,29 @@ def read_prompts(args, parser) -> list[str]:
 
 def generate(args, parser) -> None:
     prompts = read_prompts(args, parser)
+    check_model_arguments(args, parser)
     settings = settings_from(args, parser)
+    exit_if_broken_install(parser)
+    from .generate import Job, generate_images, save_png
+    from .pipelines import LoadError, load_pipeline, patch_pipeline, resolve_device
+
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
-    if args.batch_size < 1 or args.steps < 1:
-        parser.error("--batch-size and --steps must be at least 1")
     try:
         pipe = patch_pipeline(load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler), settings)
     except LoadError as error:
         parser.error(str(error))
     except (TypeError, ValueError) as error:  # a pipeline agentsd cannot patch
-        parser.error(str(error))
+        parser.error(f"argument --model: {error}")
+    limit = pipe.scheduler.config.num_train_timesteps
+    if args.steps > limit:  # diffusers' set_timesteps would stop at the first batch
+        parser.error(f"argument --steps: at most {limit} (the scheduler's training timesteps), got {args.steps}")
     height = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = args.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     out = Path(args.out)
+    try:
+        made = make_output_folder(out)
+    except ValueError as error:
+        parser.error(f"argument --out: {error}")
     common = dict(model=args.model, method=args.method, steps=args.steps, guidance=args.guidance, height=height,
                   width=width, scheduler=type(pipe.scheduler).__name__, dtype=str(dtype).removeprefix("torch."),
                   settings=settings, version=__version__)  # fmt: skip
@@ -91,15 +151,22 @@ def generate(args, parser) -> None:
         save_png(out / f"{job.index:05d}.png", image, dict(prompt=job.prompt, seed=job.seed, **common))
 
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts)]
-    stats = generate_images(pipe, jobs, save=save, steps=args.steps, guidance=args.guidance, height=height,
-                            width=width, batch_size=args.batch_size)  # fmt: skip
+    try:
+        stats = generate_images(pipe, jobs, save=save, steps=args.steps, guidance=args.guidance, height=height,
+                                width=width, batch_size=args.batch_size)  # fmt: skip
+    except ValueError as error:  # the pipeline's own checks, for what is not checked above (a latent too small)
+        remove_made_folders(out, made)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.error(f"the pipeline stopped at --height {height} --width {width} --steps {args.steps} "
+                     f"({type(pipe.scheduler).__name__}): {reason}")  # fmt: skip
     per_image = f"{stats.seconds_per_image:.3f} s/image" if stats.seconds_per_image else "n/a"
     memory = f", peak {stats.peak_gb:.2f} GB/image" if stats.peak_gb is not None else ""
-    print(f"{stats.images} images in {out}: {per_image}{memory} ({args.method}, {device})")
+    noun = "image" if stats.images == 1 else "images"
+    print(f"{stats.images} {noun} in {out}: {per_image}{memory} ({args.method}, {device})")
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(the `agentsd` parser, its `generate` subparser)."""
     parser = argparse.ArgumentParser(prog="agentsd", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,11 +174,17 @@ def main(argv=None) -> None:
     gen.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
     gen.add_argument("--prompts-file", help="a text file with one prompt a line")
     gen.add_argument("--method", choices=METHODS, default="agentsd")
-    gen.add_argument("--ratio", type=float, default=0.4, help="token merging ratio, in [0, 1)")
+    gen.add_argument("--ratio", type=finite_float, default=0.4, help="token merging ratio, in [0, 1)")
     gen.add_argument("--out", default="outputs/generate", help="folder for the PNG files")
     add_model_arguments(gen)
     add_patch_arguments(gen)
     commands.add_parser("benchmark", add_help=False, help="FID benchmark: agentsd benchmark --help")
+    return parser, gen
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, gen = build_parser()
     if argv[:1] == ["benchmark"]:
         from .fid_benchmark import main as benchmark
 

@@ -15,9 +15,10 @@ are not generated again, so an interrupted run continues where it stopped.
 
 import argparse
 import csv
-import importlib
 import json
-import os
+import shlex
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,19 @@ import torch
 from accelerate import PartialState
 from PIL import Image, ImageOps
 
-from .cli import add_model_arguments
+from .cli import add_model_arguments, check_model_arguments, exit_if_broken_install
+from .environment import versions
+from .features import load_feature_network
 from .generate import Job, generate_images, save_png
-from .patch import remove_patch
-from .pipelines import DTYPES, LoadError, load_pipeline, patch_pipeline, patch_settings, resolve_device
+from .options import finite_float, make_output_folder, positive_int
+from .pipelines import DTYPES, METHODS, LoadError, load_pipeline, patch_pipeline, patch_settings, resolve_device, unpatch_pipeline
 
 CLASSES_FILE = Path(__file__).parent / "data" / "imagenet_classes.txt"
 TEMPLATE = "A high quality photograph of a {}."  # the ToMe-SD / AgentSD papers' prompt
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".JPEG", ".webp", ".bmp"}
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+INCEPTION = "Inception-v3 pool3 (torch-fidelity, the pytorch-fid weights)"
+PLOT = "fid_vs_time.png"
 
 
 class BenchmarkError(Exception):
@@ -44,17 +49,18 @@ def parse_args(argv=None, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.set_defaults(scheduler="pndm", height=512, width=512, batch_size=4)
-    parser.add_argument("--methods", nargs="+", default=["baseline", "tome", "agentsd"])
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
-    parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--images-per-class", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["baseline", "tome", "agentsd"])
+    parser.add_argument("--ratios", nargs="+", type=finite_float, default=[0.1, 0.2, 0.3, 0.4, 0.5], help="each in [0, 1)")
+    parser.add_argument("--num-images", type=positive_int, default=2000)
+    parser.add_argument("--images-per-class", type=positive_int, default=2)
     parser.add_argument("--prompts-file", help="one prompt a line, used in turn, instead of the ImageNet classes")
     real = parser.add_mutually_exclusive_group()
     real.add_argument("--real-dir", help="folder of real images, for example 5 ImageNet validation images per class")
     real.add_argument("--real-stats", help="pytorch-fid statistics of the real images: an .npz with mu and sigma")
     parser.add_argument("--no-fid", action="store_true", help="only generate and time (no real images needed)")
     parser.add_argument("--inception-weights", help=f"the Inception weights file, if it cannot be downloaded ({INCEPTION_URL})")
-    parser.add_argument("--features", help="module:callable giving another feature network for FID (tests, experiments)")
+    parser.add_argument("--features", help="another feature network for FID (tests, experiments): module:callable "
+                        "(importable or in the current folder) or path/to/file.py:callable")
     parser.add_argument("--out", default="outputs/fid")
     args = parser.parse_args(argv)
     args.parser = parser
@@ -63,6 +69,9 @@ def parse_args(argv=None, prog=None):
 
 def main(argv=None, prog=None) -> None:
     args = parse_args(argv, prog)
+    check_model_arguments(args, args.parser)
+    exit_if_broken_install(args.parser)
+    args.command = f"{prog or 'python -m agentsd.fid_benchmark'} {shlex.join(sys.argv[1:] if argv is None else argv)}"
     try:
         run(args)
     except (BenchmarkError, LoadError) as error:
@@ -76,9 +85,18 @@ def run(args, feature=None) -> list[dict] | None:
     state = PartialState(cpu=args.device == "cpu" or (args.device is None and not torch.cuda.is_available()))
     device, dtype = resolve_device(args.device if state.num_processes == 1 else str(state.device),
                                    DTYPES[args.dtype] if args.dtype else None)  # fmt: skip
-    metric = make_fid(args, feature, device) if not args.no_fid else None  # fails before any generation
+    metric, features = make_fid(args, feature, device) if not args.no_fid else (None, None)
+    if metric is not None and state.is_main_process:
+        add_real_images(metric, args, device)  # bad real images or statistics stop the run before it generates
     pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
+    if args.steps > pipe.scheduler.config.num_train_timesteps:
+        raise BenchmarkError(f"--steps must be at most {pipe.scheduler.config.num_train_timesteps} (the scheduler's "
+                             f"training timesteps), got {args.steps}")  # fmt: skip
     out = Path(args.out)
+    try:
+        make_output_folder(out)
+    except ValueError as error:
+        raise BenchmarkError(f"--out: {error}") from None
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts(args))]
 
     for name, method, settings in runs:
@@ -89,13 +107,19 @@ def run(args, feature=None) -> list[dict] | None:
         mine = [job for batch in batches[state.process_index :: state.num_processes] for job in batch]
         if mine:
             patch_pipeline(pipe, settings)
-            metadata = dict(model=args.model, method=method, steps=args.steps, guidance=args.guidance, settings=settings)
-            stats = generate_images(
-                pipe, mine, save=lambda job, image: _save(folder, job, image, metadata), steps=args.steps,
-                guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
-                progress=state.is_main_process,
-            )  # fmt: skip
-            remove_patch(pipe)
+            metadata = dict(model=args.model, method=method, steps=args.steps, guidance=args.guidance,
+                            scheduler=type(pipe.scheduler).__name__, settings=settings)  # fmt: skip
+            try:
+                stats = generate_images(
+                    pipe, mine, save=lambda job, image: _save(folder, job, image, metadata), steps=args.steps,
+                    guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
+                    progress=state.is_main_process,
+                )  # fmt: skip
+            except ValueError as error:  # the pipeline's own checks, for what is not checked before (a latent too small)
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise BenchmarkError(f"the pipeline stopped at --height {args.height} --width {args.width} "
+                                     f"--steps {args.steps} ({type(pipe.scheduler).__name__}): {reason}") from None  # fmt: skip
+            unpatch_pipeline(pipe)
             timing = dict(seconds=stats.timed_seconds, images=stats.timed_images, peak_gb=stats.peak_gb)
             (out / "runs").mkdir(parents=True, exist_ok=True)
             (out / "runs" / f"{name}.rank{state.process_index}.json").write_text(json.dumps(timing))
@@ -103,7 +127,7 @@ def run(args, feature=None) -> list[dict] | None:
     if not state.is_main_process:
         return None
     results = measure(args, runs, jobs, metric, device)
-    write_results(out, results)
+    write_results(out, results, setup(args, pipe, features))
     return results
 
 
@@ -119,20 +143,40 @@ def check(args) -> list[tuple[str, str, dict]]:
             try:
                 settings = patch_settings(method, ratio, seed=args.seed)
             except (TypeError, ValueError) as error:
-                raise BenchmarkError(f"{error} (--methods {method} --ratios {ratio})") from None
+                raise BenchmarkError(f"--ratios {ratio:g} (--methods {method}): {error}") from None
             runs.append((method if method == "baseline" else f"{method}-{ratio:g}", method, settings))
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if not path.is_file() or not [line for line in path.read_text().splitlines() if line.strip()]:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        except (OSError, UnicodeDecodeError) as error:
+            raise BenchmarkError(f"--prompts-file {path}: cannot read it as UTF-8 text ({type(error).__name__})") from None
+        if not [line for line in lines if line.strip()]:
             raise BenchmarkError(f"--prompts-file {path} is missing or has no prompts (one a line)")
     if not args.no_fid:
         if args.real_dir is None and args.real_stats is None:
             raise BenchmarkError("FID needs --real-dir or --real-stats (or --no-fid to only generate and time)")
         if args.real_dir is not None and not _image_files(Path(args.real_dir)):
             raise BenchmarkError(f"--real-dir {args.real_dir} does not exist or holds no images")
-        if args.real_stats is not None and not Path(args.real_stats).is_file():
-            raise BenchmarkError(f"--real-stats {args.real_stats} does not exist")
+        if args.real_stats is not None:
+            read_real_statistics(Path(args.real_stats))
     return runs
+
+
+def read_real_statistics(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """mu (d,) and sigma (d, d) of a pytorch-fid .npz, or BenchmarkError naming --real-stats."""
+    try:
+        with np.load(path) as stats:
+            mu, sigma = np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+    except FileNotFoundError:
+        raise BenchmarkError(f"--real-stats {path} does not exist") from None
+    except (OSError, ValueError, KeyError) as error:  # not an .npz, or one without mu and sigma
+        raise BenchmarkError(f"--real-stats {path} is not a pytorch-fid .npz with mu and sigma ({type(error).__name__}: "
+                             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None  # fmt: skip
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 2 or sigma.shape != (d, d) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise BenchmarkError(f"--real-stats {path}: mu must be (d,) and sigma (d, d), finite; got {mu.shape} and {sigma.shape}")
+    return mu, sigma
 
 
 def prompts(args) -> list[str]:
@@ -144,19 +188,23 @@ def prompts(args) -> list[str]:
 
 
 def _save(folder: Path, job, image, metadata):
-    path = folder / f"{job.index:05d}.png"
-    partial = path.with_suffix(".partial.png")  # a run killed mid-write leaves no truncated PNG to skip
-    save_png(partial, image, dict(prompt=job.prompt, seed=job.seed, **metadata))
-    os.replace(partial, path)
+    save_png(folder / f"{job.index:05d}.png", image, dict(prompt=job.prompt, seed=job.seed, **metadata))
 
 
 def make_fid(args, feature, device):
-    """torchmetrics' FID with the pytorch-fid Inception (or `feature`), with its real statistics."""
+    """(torchmetrics' FID with the pytorch-fid Inception, or with `feature` or --features; what it uses)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if feature is None and args.features:
-        module, _, name = args.features.partition(":")
-        feature = getattr(importlib.import_module(module), name)()
+    if feature is not None:
+        features = f"{type(feature).__module__}.{type(feature).__qualname__} (passed to run)"
+    elif args.features:
+        try:
+            feature = load_feature_network(args.features)
+        except ValueError as error:
+            raise BenchmarkError(str(error)) from None
+        features = f"--features {args.features}"
+    else:
+        features = INCEPTION
     try:
         metric = FrechetInceptionDistance(
             feature=2048 if feature is None else feature, normalize=True, reset_real_features=False,
@@ -164,22 +212,33 @@ def make_fid(args, feature, device):
             **({"feature_extractor_weights_path": args.inception_weights} if feature is None else {}),
         )  # fmt: skip
     except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if feature is not None:
+            raise BenchmarkError(f"--features {args.features or features}: torchmetrics' FID does not take it ({reason}); "
+                                 "it must be a torch.nn.Module mapping images (B, 3, H, W) to features (B, d)") from None  # fmt: skip
         raise BenchmarkError(
-            f"could not load the Inception network for FID ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            "It needs the torch-fidelity package (pip install torch-fidelity) and its weights file: download "
+            f"could not load the Inception network for FID ({reason}). It needs the `fid` extra "
+            '(pip install -e ".[fid]", see the README) and its weights file: download '
             f"{INCEPTION_URL} and pass it as --inception-weights, or place it in torch's hub cache "
             f"({torch.hub.get_dir()}/checkpoints/); --no-fid skips FID"
         ) from None
-    return metric.to(device)
+    return metric.to(device), features
 
 
 def add_real_images(metric, args, device) -> None:
     if args.real_stats:
-        stats = np.load(args.real_stats)
-        set_real_statistics(metric, stats["mu"], stats["sigma"])
+        mu, sigma = read_real_statistics(Path(args.real_stats))
+        if mu.shape != tuple(metric.real_features_sum.shape):
+            raise BenchmarkError(f"--real-stats {args.real_stats} has {mu.shape[0]} features, the FID network "
+                                 f"{metric.real_features_sum.shape[0]}")  # fmt: skip
+        set_real_statistics(metric, mu, sigma)
     else:
         for batch in _batches(_image_files(Path(args.real_dir)), 32):
-            metric.update(_load(batch, (args.width, args.height), device), real=True)
+            try:
+                images = _load(batch, (args.width, args.height), device)
+            except OSError as error:  # PIL's UnidentifiedImageError and truncated files
+                raise BenchmarkError(f"--real-dir {args.real_dir}: cannot read an image ({error})") from None
+            metric.update(images, real=True)
 
 
 def set_real_statistics(metric, mu, sigma) -> None:
@@ -211,8 +270,6 @@ def measure(args, runs, jobs, metric, device) -> list[dict]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     out = Path(args.out)
-    if metric is not None:
-        add_real_images(metric, args, device)
     lpips = _lpips(device)
     results = []
     for name, method, settings in runs:
@@ -250,17 +307,43 @@ def measure(args, runs, jobs, metric, device) -> list[dict]:
     return results
 
 
-def write_results(out: Path, results: list[dict]) -> None:
+def setup(args, pipe, features: str | None) -> dict:
+    """What the results depend on, written beside them."""
+    real = None if features is None else (f"--real-stats {args.real_stats}" if args.real_stats else
+                                          f"--real-dir {args.real_dir} ({len(_image_files(Path(args.real_dir)))} images)")  # fmt: skip
+    return dict(
+        model=args.model, steps=args.steps, scheduler=type(pipe.scheduler).__name__, guidance=args.guidance,
+        height=args.height, width=args.width, dtype=str(pipe.unet.dtype).removeprefix("torch."), device=str(pipe.device),
+        batch_size=args.batch_size, seed=args.seed, num_images=args.num_images,
+        prompts=f"--prompts-file {args.prompts_file}" if args.prompts_file else f"{TEMPLATE!r}, ImageNet-1k classes, "
+        f"{args.images_per_class} per class", features=features or "none (--no-fid)", real=real,
+        versions=versions(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        command=getattr(args, "command", None),
+    )  # fmt: skip
+
+
+def write_results(out: Path, results: list[dict], setup: dict) -> None:
+    """results.csv (one row a run, with the setting columns), .json ({setup, results}), .md, and the plot."""
     fields = ["run", "method", "ratio", "images", "fid", "s_per_image", "gb_per_image", "speedup", "memory_saving",
               "psnr", "ssim", "lpips"]  # fmt: skip
+    per_row = {key: setup[key] for key in ("model", "steps", "scheduler", "guidance", "height", "width", "features")}
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields + list(per_row))
         writer.writeheader()
-        writer.writerows(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
-    plot(results, out / "fid_vs_time.png")
+        writer.writerows(dict(row, **per_row) for row in results)
+    (out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=1))
+    (out / "results.md").write_text(setup_markdown(setup) + "\n" + markdown(results))
+    if any(row["fid"] is not None for row in results):
+        plot(results, out / PLOT)
+    else:
+        print(f"No {PLOT}: it plots FID against seconds per image, and this run has no FID (--no-fid).")
     print(markdown(results))
+
+
+def setup_markdown(setup: dict) -> str:
+    lines = [f"- {key}: {value}" for key, value in setup.items() if key != "versions"]
+    lines.append("- versions: " + ", ".join(f"{name} {v}" for name, v in setup["versions"].items() if v))
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: list[dict]) -> str:

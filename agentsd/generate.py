@@ -2,6 +2,7 @@
 and steps, PNG files whose metadata regenerate them, and seconds and peak memory per image."""
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,42 +43,48 @@ def generate_images(pipe, jobs: list[Job], *, save, steps: int, guidance: float,
     steps_bar = tqdm(total=steps, desc="steps", unit="step", leave=False, disable=not progress)
 
     def step_done(pipeline, step, timestep, callback_kwargs):
+        # The UNet runs once per timestep of the scheduler, not once per requested step (PNDM: 51 for
+        # 50, Heun: 2n - 1); the pipeline knows the count once the loop has started.
+        if step == 0:
+            steps_bar.total = getattr(pipeline, "num_timesteps", None) or len(pipeline.scheduler.timesteps)
         steps_bar.update(1)
         return callback_kwargs
 
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    for number, batch in enumerate(batches):
-        steps_bar.reset(total=steps)
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        images = pipe(
-            prompt=[job.prompt for job in batch], num_inference_steps=steps, guidance_scale=guidance,
-            height=height, width=width, generator=[torch.Generator().manual_seed(job.seed) for job in batch],
-            callback_on_step_end=step_done,
-        ).images  # fmt: skip
-        if cuda:
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 / len(batch)
-            stats.peak_gb = max(stats.peak_gb or 0.0, peak)
-        if number > 0 or len(batches) == 1:
-            stats.timed_seconds += time.perf_counter() - start
-            stats.timed_images += len(batch)
-        for job, image in zip(batch, images):
-            save(job, image)
-        stats.images += len(batch)
-        images_bar.update(len(batch))
-    steps_bar.close()
-    images_bar.close()
+    with images_bar, steps_bar:  # closed on an error too, before the error is reported
+        for number, batch in enumerate(batches):
+            steps_bar.reset(total=steps)
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            images = pipe(
+                prompt=[job.prompt for job in batch], num_inference_steps=steps, guidance_scale=guidance,
+                height=height, width=width, generator=[torch.Generator().manual_seed(job.seed) for job in batch],
+                callback_on_step_end=step_done,
+            ).images  # fmt: skip
+            if cuda:
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 / len(batch)
+                stats.peak_gb = max(stats.peak_gb or 0.0, peak)
+            if number > 0 or len(batches) == 1:
+                stats.timed_seconds += time.perf_counter() - start
+                stats.timed_images += len(batch)
+            for job, image in zip(batch, images):
+                save(job, image)
+            stats.images += len(batch)
+            images_bar.update(len(batch))
     return stats
 
 
 def save_png(path: Path, image, metadata: dict) -> None:
-    """A PNG with `metadata` in its text chunks: each key, and all of it as JSON under "agentsd"."""
+    """A PNG with `metadata` in its text chunks: each key, and all of it as JSON under "agentsd".
+    Written beside and renamed into place, so that a run killed mid-write leaves no truncated PNG."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     info.add_text("agentsd", json.dumps(metadata))
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    partial = path.with_suffix(".partial.png")
+    image.save(partial, pnginfo=info)
+    os.replace(partial, path)

@@ -2,42 +2,32 @@
 line and the FID benchmark share."""
 
 import warnings
+from pathlib import Path
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
 
 from .config import build_config
-from .models import tiny_pipeline
-from .patch import apply_patch
 
+# diffusers is imported where it is used: `agentsd --help` and argument errors then come at once, and a
+# torchvision that does not match torch (transformers imports it) is reported before diffusers trips on it.
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODELS = {"tiny": "sd15", "tiny-sdxl": "sdxl"}
 METHODS = ("baseline", "tome", "agentsd")
-SCHEDULERS = {
-    "pndm": PNDMScheduler,  # PLMS, the papers' sampler and SD 1.5's default
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler-a": EulerAncestralDiscreteScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-    "heun": HeunDiscreteScheduler,
-    "lms": LMSDiscreteScheduler,
+SCHEDULERS = {  # name on the command line: diffusers class
+    "pndm": "PNDMScheduler",  # PLMS, the papers' sampler and SD 1.5's default
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class LoadError(Exception):
-    """A pipeline that could not be loaded; the message says what was tried and what to pass."""
+    """A pipeline that could not be loaded; the message says what was tried and what to do."""
 
 
 def resolve_device(device: str | None = None, dtype: torch.dtype | None = None) -> tuple[str, torch.dtype]:
@@ -49,6 +39,11 @@ def resolve_device(device: str | None = None, dtype: torch.dtype | None = None) 
 def load_pipeline(model: str, *, dtype: torch.dtype | None = None, device: str | None = None, scheduler: str | None = None):
     """A hub id or local folder as DiffusionPipeline.from_pretrained takes it, or "tiny"/"tiny-sdxl";
     device and dtype default as resolve_device chooses."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    from .models import tiny_pipeline
+
     device, dtype = resolve_device(device, dtype)
     if model in TINY_MODELS:
         pipe = tiny_pipeline(TINY_MODELS[model])
@@ -60,20 +55,70 @@ def load_pipeline(model: str, *, dtype: torch.dtype | None = None, device: str |
                 warnings.simplefilter("ignore", FutureWarning)
                 pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
         except Exception as error:  # offline, missing files, bad id: one clear paragraph, no traceback
-            reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
-            raise LoadError(
-                f"could not load the pipeline {model!r}: {reason}. agentsd tried it as a local folder "
-                "(a diffusers pipeline saved with save_pretrained, with a model_index.json) and as a "
-                "Hugging Face Hub id (downloaded or from the local cache). Without network access, "
-                "download the weights elsewhere (for example `huggingface-cli download "
-                f"{DEFAULT_MODEL} --local-dir sd15`) and pass that folder as --model; "
-                "--model tiny checks the install with random weights."
-            ) from None
+            raise LoadError(load_failure(model, error)) from None
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # a benchmark must not black out images
     if scheduler is not None:
-        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     return pipe.to(device)
+
+
+def load_failure(model: str, error: Exception) -> str:
+    """What was tried for `model` and what to do, from the error of DiffusionPipeline.from_pretrained."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    root = _root_cause(error)
+    reason = f"{type(root).__name__}: {_first_line(root)}"
+    tiny = "--model tiny checks the install with random weights."
+    folder = Path(model).expanduser()
+    if folder.is_file():
+        return (f"could not load --model {model}: it is a file; --model takes a diffusers pipeline folder "
+                f"(with a model_index.json, as save_pretrained writes it) or a Hugging Face Hub id. {tiny}")  # fmt: skip
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            return (f"could not load --model {model}: the folder has no model_index.json, so it is not a diffusers "
+                    f"pipeline saved with save_pretrained (or downloaded with `hf download`). {tiny}")  # fmt: skip
+        return f"could not load the pipeline folder {model}: {reason}. {tiny}"
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return f"could not load --model {model}: there is no such folder, and it is not a Hugging Face Hub id (owner/name). {tiny}"
+    chain = _causes(error)
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return (f"could not load --model {model}: the model is gated on the Hugging Face Hub; accept its terms on its "
+                f"page and log in with `hf auth login`. {tiny}")  # fmt: skip
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return (f"could not load --model {model}: there is no such folder, and the Hugging Face Hub has no model of "
+                f"that name (or it is private: log in with `hf auth login`). {tiny}")  # fmt: skip
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return f"could not load --model {model} from the Hugging Face cache ({constants.HF_HUB_CACHE}): {reason}. {tiny}"
+    # the network error underneath, not diffusers' own advice about local_files_only and stack traces
+    underneath = f" ({reason})" if root is not error else ""
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else underneath
+    return (
+        f"could not load --model {model}: there is no such folder, it is not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and it could not be downloaded{offline}. Download it where the Hub can be "
+        f"reached (`hf download {model} --local-dir FOLDER`, from huggingface_hub), copy the folder here and "
+        f"pass --model FOLDER. {tiny}"
+    )
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    return chain
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    return _causes(error)[-1]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else "no message"
 
 
 def patch_settings(method: str, ratio: float, **settings) -> dict:
@@ -106,6 +151,15 @@ def enable_deepcache(pipe, interval: int, branch: int = 0):
 
 
 def patch_pipeline(pipe, settings: dict):
+    from .patch import apply_patch
+
     if settings:
         apply_patch(pipe, **settings)
+    return pipe
+
+
+def unpatch_pipeline(pipe):
+    from .patch import remove_patch
+
+    remove_patch(pipe)
     return pipe

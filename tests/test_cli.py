@@ -1,15 +1,23 @@
 """`agentsd generate` end to end on tiny pipelines, and its errors."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+import agentsd.generate
 from agentsd.cli import main
 from agentsd.models import tiny_pipeline
+from agentsd.pipelines import load_pipeline
+
+REPO = Path(__file__).parent.parent
 
 
 def generate(tmp_path, *args):
@@ -61,23 +69,146 @@ def test_saved_pipeline_loads_through_the_model_argument(tmp_path):
     assert Image.open(out / "00000.png").size == (64, 64)
 
 
+def run_main(args, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of an in-process `agentsd` run that exits."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, message, prog="agentsd generate"):
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # argparse: the usage, then one line "prog: error: ..."
+    assert last.startswith(f"{prog}: error:") and message in last, err
+
+
 @pytest.mark.parametrize("args, message", [
-    (["x", "--method", "fast"], "invalid choice: 'fast'"),
-    (["x", "--ratio", "1.5"], "ratio must be in [0, 1)"),
-    (["x", "--sx", "2"], "missing: sy, agent_ratio"),
-    (["--prompts-file", "EMPTY"], "has no prompts"),
-    (["--prompts-file", "MISSING"], "does not exist"),
+    (["x", "--method", "fast"], "argument --method: invalid choice: 'fast'"),
+    (["x", "--ratio", "1.5"], "--ratio must be in [0, 1)"),
+    (["x", "--ratio", "nan"], "argument --ratio: must be a finite number"),
+    (["x", "--sx", "2"], "missing: --sy, --agent-ratio"),
+    (["x", "--sx", "0", "--sy", "2", "--agent-ratio", "0.5"], "argument --sx: must be a whole number >= 1"),
+    (["x", "--sx", "2", "--sy", "2", "--agent-ratio", "1"], "--agent-ratio must be in [0, 1)"),
+    (["x", "--k-scale2", "inf"], "argument --k-scale2: must be a finite number"),
+    (["x", "--max-downsample", "3"], "argument --max-downsample: invalid choice: 3"),
+    (["x", "--attn-precision", "fp8"], "argument --attn-precision: invalid choice"),
+    (["x", "--scheduler", "fast"], "argument --scheduler: invalid choice"),
+    (["x", "--dtype", "fp64"], "argument --dtype: invalid choice"),
+    (["--prompts-file", "EMPTY"], "argument --prompts-file: EMPTY has no prompts"),
+    (["--prompts-file", "MISSING"], "argument --prompts-file: MISSING does not exist"),
+    (["--prompts-file", "FOLDER"], "argument --prompts-file: FOLDER does not exist or is not a file"),
+    (["--prompts-file", "LATIN1"], "argument --prompts-file: cannot read"),
     ([], "give at least one prompt"),
-    (["x", "--model", "/no/such/folder"], "could not load the pipeline '/no/such/folder'"),
+    (["x", "--height", "100"], "argument --height: must be a positive multiple of 8"),
+    (["x", "--width", "0"], "argument --width: must be a positive multiple of 8"),
+    (["x", "--height", "-64"], "argument --height: must be a positive multiple of 8"),
+    (["x", "--height", "64.5"], "argument --height: must be a whole number"),
+    (["x", "--device", "cuda"] if not torch.cuda.is_available() else ["x", "--device", "cuda:99"], "argument --device: cuda"),
+    (["x", "--device", "cuda:3"] if torch.cuda.device_count() < 4 else ["x", "--device", "cuda:99"], "argument --device: cuda"),
+    (["x", "--device", "xpu"] if not (hasattr(torch, "xpu") and torch.xpu.is_available()) else ["x", "--device", "xpu:99"],
+     "argument --device: xpu"),
+    (["x", "--device", "nonsense"], "argument --device: 'nonsense' is not a torch device"),
+    (["x", "--steps", "0"], "argument --steps: must be a whole number >= 1"),
+    (["x", "--steps", "-3"], "argument --steps: must be a whole number >= 1"),
+    (["x", "--guidance", "nan"], "argument --guidance: must be a finite number"),
+    (["x", "--guidance", "-1"], "argument --guidance: must be >= 0"),
+    (["x", "--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
+    (["x", "--seed", "-1"], "argument --seed: must be a whole number in [0, 2**63)"),
+    (["x", "--patch-seed", str(2**63)], "argument --patch-seed: must be a whole number in [0, 2**63)"),
+    (["x", "--out", "FILE"], "argument --out: FILE is a file, not a folder"),
+    (["x", "--out", "FILE/sub"], "argument --out: FILE is a file, so FILE/sub cannot be made"),
+    (["x", "--model", "/no/such/folder"], "could not load --model /no/such/folder: there is no such folder"),
+    (["x", "--model", "FOLDER"], "the folder has no model_index.json"),
+    (["x", "--model", "FILE"], "it is a file; --model takes a diffusers pipeline folder"),
+    # the ones below load the tiny pipeline first
+    (["x", "--steps", "1001"], "argument --steps: at most 1000"),
+    (["x", "--height", "8", "--width", "8", "--steps", "1"], "the pipeline stopped at --height 8 --width 8"),
+    (["x", "--out", "/proc/agentsd-test/out"], "argument --out: cannot make the folder /proc/agentsd-test/out"),
 ])  # fmt: skip
-def test_bad_input_is_a_clear_error(tmp_path, args, message):
+def test_bad_input_exits_2_with_one_line_naming_the_option(tmp_path, args, message, capsys):
     (tmp_path / "EMPTY").write_text("\n\n")
-    args = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in args]
+    (tmp_path / "LATIN1").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "FILE").write_text("not a folder")
+    (tmp_path / "FOLDER").mkdir()
+    names = ("EMPTY", "MISSING", "FOLDER", "LATIN1", "FILE")
+    path = lambda a: str(tmp_path / a) if a.split("/")[0] in names else a  # noqa: E731
+    args, message = [path(a) for a in args], " ".join(path(w) for w in message.split(" "))
     out = tmp_path / "out"
     if "--model" not in args:
         args += ["--model", "tiny"]
-    result = subprocess.run([sys.executable, "-m", "agentsd.cli", "generate", *args, "--out", str(out)],
-                            capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not out.exists()  # nothing written
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    before = sorted(tmp_path.rglob("*"))
+    code, err = run_main(["generate", *args], capsys)
+    assert_one_line_error(code, err, message)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+    assert not Path("/proc/agentsd-test").exists()
+
+
+def child_env(**extra) -> dict:
+    """The environment of a child `python -m agentsd.cli`: this checkout's agentsd first, whatever is installed."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra)
+
+
+def test_missing_weights_say_what_was_tried_and_what_to_do(tmp_path):
+    # a subprocess: no traceback reaches stderr, whatever diffusers and huggingface_hub log on the way
+    model = "nobody-agentsd/no-such-model"
+    result = subprocess.run([sys.executable, "-m", "agentsd.cli", "generate", "x", "--model", model, "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, env=child_env(HF_HUB_OFFLINE="1"))  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"agentsd generate: error: could not load --model {model}: there is no such folder")
+    assert "not in the Hugging Face cache" in error and f"`hf download {model} --local-dir FOLDER`" in error
+    for repeated in ("huggingface-cli", "local_files_only", "stacktrace", "stack trace above"):
+        assert repeated not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_torchvision_that_does_not_match_torch_is_one_paragraph(tmp_path):
+    # PyPI's torchvision beside a CPU torch fails at import like this one; diffusers and transformers import it
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env["PYTHONPATH"]])
+    for command in (["generate", "x", "--model", "tiny"], ["benchmark", "--model", "tiny", "--no-fid"]):
+        result = subprocess.run([sys.executable, "-m", "agentsd.cli", *command, "--out", str(tmp_path / "out")],
+                                capture_output=True, text=True, env=env)  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        error = result.stderr.strip().splitlines()[-1]
+        assert "torchvision is installed but does not work with torch" in error
+        assert "operator torchvision::nms does not exist" in error and "pip uninstall torchvision" in error
+    assert not (tmp_path / "out").exists()
+
+
+class RecordingBar(tqdm):
+    """tqdm that keeps (desc, n, total) of each bar it closes."""
+
+    closed = []
+
+    def close(self):
+        if not self.disable:
+            RecordingBar.closed.append((self.desc, self.n, self.total))
+        super().close()
+
+
+@pytest.mark.parametrize("scheduler, steps", [("pndm", 3), ("heun", 2)])
+def test_the_steps_bar_counts_the_unet_steps(tmp_path, scheduler, steps, monkeypatch, capsys):
+    monkeypatch.setattr(agentsd.generate, "tqdm", RecordingBar)
+    RecordingBar.closed.clear()
+    main(["generate", "one", "--model", "tiny", "--scheduler", scheduler, "--steps", str(steps), "--out", str(tmp_path)])
+    schedule = load_pipeline("tiny", scheduler=scheduler).scheduler
+    schedule.set_timesteps(steps)
+    unet_steps = len(schedule.timesteps)  # PNDM: one more, Heun: 2n - 1
+    assert dict((desc, (n, total)) for desc, n, total in RecordingBar.closed) == {"steps": (unet_steps, unet_steps),
+                                                                                  "images": (1, 1)}  # fmt: skip
+    assert f"1 image in {tmp_path}:" in capsys.readouterr().out  # one image, not "1 images"
+
+
+def test_ratio_0_is_the_baseline_bit_for_bit(tmp_path):
+    for method in ("baseline", "agentsd"):
+        main(["generate", "a red cube", "--model", "tiny", "--steps", "2", "--method", method, "--ratio", "0",
+              "--out", str(tmp_path / method)])  # fmt: skip
+    baseline, agentsd_0 = (np.asarray(Image.open(tmp_path / m / "00000.png")) for m in ("baseline", "agentsd"))
+    np.testing.assert_array_equal(agentsd_0, baseline)

@@ -1,5 +1,6 @@
 """The FID benchmark end to end on the tiny pipeline, with a stand-in feature network."""
 
+import csv
 import json
 import os
 import subprocess
@@ -12,10 +13,12 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from agentsd import fid_benchmark
+from agentsd import cli, fid_benchmark
+from agentsd.features import load_feature_network
 from standin import StandInFeatures
 
 TESTS = Path(__file__).parent
+STANDIN = f"{TESTS / 'standin.py'}:features"  # --features as a path: no PYTHONPATH needed
 
 
 def benchmark_args(tmp_path, real_dir, *extra):
@@ -40,6 +43,14 @@ def test_end_to_end_writes_everything_and_resumes(tmp_path, real_dir):
     out = tmp_path / "out"
     for name in ("results.csv", "results.json", "results.md", "fid_vs_time.png", "real_stats.npz"):
         assert (out / name).is_file(), name
+    setup = json.loads((out / "results.json").read_text())["setup"]
+    assert (setup["model"], setup["steps"], setup["scheduler"], setup["height"]) == ("tiny", 2, "PNDMScheduler", 64)
+    assert "standin.StandInFeatures" in setup["features"] and setup["versions"]["torch"] == torch.__version__
+    assert setup["date"][:4].isdigit() and setup["real"].endswith("(6 images)")
+    assert "- scheduler: PNDMScheduler" in (out / "results.md").read_text()
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == [r["run"] for r in results] and {r["model"] for r in rows} == {"tiny"}
     assert [r["run"] for r in results] == ["baseline", "tome-0.3", "tome-0.5", "agentsd-0.3", "agentsd-0.5"]
     assert all(len(list((out / "images" / r["run"]).glob("*.png"))) == 4 for r in results)
     assert all(r["fid"] > 0 and r["s_per_image"] > 0 for r in results)
@@ -59,7 +70,7 @@ def test_end_to_end_writes_everything_and_resumes(tmp_path, real_dir):
 
 def test_fid_is_zero_against_itself_and_grows_with_noise(tmp_path, real_dir):
     args = fid_benchmark.parse_args(["--real-dir", str(real_dir), "--height", "64", "--width", "64", "--device", "cpu"])
-    metric = fid_benchmark.make_fid(args, StandInFeatures(), "cpu")
+    metric, _ = fid_benchmark.make_fid(args, StandInFeatures(), "cpu")
     fid_benchmark.add_real_images(metric, args, "cpu")
     images = fid_benchmark._load(sorted(real_dir.glob("*.jpg")), (64, 64), "cpu")
     scores = []
@@ -83,20 +94,94 @@ def test_frechet_distance_matches_scipy():
     assert fid_benchmark.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
 
 
+def run_cli(args, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["benchmark", *args])
+    return exit_info.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "fast"], "method must be one of"),
-    (["--ratios", "1.2"], "ratio must be in [0, 1)"),
-    (["--real-dir", "MISSING"], "does not exist or holds no images"),
-    (["--prompts-file", "EMPTY"], "has no prompts"),
+    (["--methods", "fast"], "argument --methods: invalid choice: 'fast'"),
+    (["--ratios", "1.2"], "--ratios 1.2 (--methods tome): ratio must be in [0, 1)"),
+    (["--ratios", "nan"], "argument --ratios: must be a finite number"),
+    (["--real-dir", "MISSING"], "--real-dir MISSING does not exist or holds no images"),
+    (["--prompts-file", "EMPTY"], "--prompts-file EMPTY is missing or has no prompts"),
+    (["--num-images", "0"], "argument --num-images: must be a whole number >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
+    (["--images-per-class", "-2"], "argument --images-per-class: must be a whole number >= 1"),
+    (["--height", "100"], "argument --height: must be a positive multiple of 8"),
+    (["--steps", "0"], "argument --steps: must be a whole number >= 1"),
+    (["--guidance", "inf"], "argument --guidance: must be a finite number"),
+    (["--device", "nonsense"], "argument --device: 'nonsense' is not a torch device"),
+    (["--out", "FILE"], "argument --out: FILE is a file, not a folder"),
+    (["--real-stats", "FILE"], "--real-stats FILE is not a pytorch-fid .npz with mu and sigma"),
+    (["--real-stats", "NOMU.npz"], "--real-stats NOMU.npz is not a pytorch-fid .npz with mu and sigma (KeyError"),
+    (["--real-stats", "SHAPES.npz"], "--real-stats SHAPES.npz: mu must be (d,) and sigma (d, d)"),
+    (["--real-stats", "DIM8.npz", "--features", STANDIN], "--real-stats DIM8.npz has 8 features, the FID network 16"),
+    (["--real-dir", "BROKEN", "--features", STANDIN], "--real-dir BROKEN: cannot read an image"),
+    (["--features", "standin"], "--features must be module:callable (a module importable or in the current folder)"),
+    (["--features", "no_such_module_agentsd:features"], "--features no_such_module_agentsd:features: no module"),
+    (["--features", "MISSING.py:features"], "--features MISSING.py:features: there is no file MISSING.py"),
+    (["--features", f"{TESTS / 'standin.py'}:nothing"], "standin.py has no callable 'nothing'"),
+    (["--features", "FEATURES.py:failing"], "failing() failed (RuntimeError: no weights here)"),
+    (["--features", "FEATURES.py:not_a_module"], "torchmetrics' FID does not take it"),
+    (["--no-fid", "--steps", "1001"], "--steps must be at most 1000"),
 ])  # fmt: skip
-def test_bad_input(tmp_path, real_dir, args, message):
+def test_bad_input(tmp_path, real_dir, args, message, capsys):
     (tmp_path / "EMPTY").write_text("\n")
-    args = [str(tmp_path / a) if a in ("EMPTY", "MISSING") else a for a in args]
-    command = [sys.executable, "-m", "agentsd.cli", "benchmark", *benchmark_args(tmp_path, real_dir), *args]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
+    (tmp_path / "FILE").write_text("not an npz")
+    np.savez(tmp_path / "NOMU.npz", mean=np.zeros(4))
+    np.savez(tmp_path / "SHAPES.npz", mu=np.zeros(4), sigma=np.eye(3))
+    np.savez(tmp_path / "DIM8.npz", mu=np.zeros(8), sigma=np.eye(8))
+    (tmp_path / "BROKEN").mkdir()
+    (tmp_path / "BROKEN" / "0.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "FEATURES.py").write_text("def failing():\n    raise RuntimeError('no weights here')\n\n"
+                                          "def not_a_module():\n    return 'inception'\n")  # fmt: skip
+    names = ("EMPTY", "FILE", "NOMU.npz", "SHAPES.npz", "DIM8.npz", "BROKEN", "FEATURES.py", "MISSING", "MISSING.py")
+    path = lambda a: a.replace(a.split(":")[0], str(tmp_path / a.split(":")[0])) if a.split(":")[0] in names else a  # noqa: E731
+    args, message = [path(a) for a in args], " ".join(path(w) for w in message.split(" "))
+    before = sorted(tmp_path.rglob("*"))
+    base = benchmark_args(tmp_path, real_dir)
+    if "--real-stats" in args:  # --real-dir and --real-stats exclude each other
+        del base[base.index("--real-dir") : base.index("--real-dir") + 2]
+    code, err = run_cli([*base, *args], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("agentsd benchmark: error:") and message in last, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_features_from_a_module_in_the_current_folder_or_a_file(tmp_path, monkeypatch):
+    (tmp_path / "my_agentsd_features.py").write_text((TESTS / "standin.py").read_text())
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    network = load_feature_network("my_agentsd_features:features")
+    assert type(network).__name__ == "StandInFeatures" and sys.path == path_before
+    assert type(load_feature_network(STANDIN)).__name__ == "StandInFeatures"
+    assert type(load_feature_network("my_agentsd_features.py:features")).__name__ == "StandInFeatures"
+
+
+def test_command_line_run_records_its_setup(tmp_path, real_dir, capsys):
+    args = [*benchmark_args(tmp_path, real_dir), "--num-images", "2", "--methods", "agentsd", "--ratios", "0.5",
+            "--features", STANDIN]  # fmt: skip
+    cli.main(["benchmark", *args])
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in saved["results"]] == ["baseline", "agentsd-0.5"]
+    setup = saved["setup"]
+    assert setup["features"] == f"--features {STANDIN}" and setup["command"].startswith("agentsd benchmark --model tiny")
+    assert (setup["model"], setup["steps"], setup["scheduler"]) == ("tiny", 2, "PNDMScheduler")
+    assert (out / "fid_vs_time.png").is_file() and all(r["fid"] is not None for r in saved["results"])
+
+
+def test_no_fid_writes_no_empty_plot_and_says_so(tmp_path, capsys):
+    out = tmp_path / "out"
+    cli.main(["benchmark", "--model", "tiny", "--num-images", "2", "--steps", "2", "--height", "64", "--width", "64",
+              "--methods", "agentsd", "--ratios", "0.5", "--no-fid", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert not (out / "fid_vs_time.png").exists() and "No fid_vs_time.png" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    assert all(r["fid"] is None and r["s_per_image"] > 0 for r in saved["results"])
+    assert saved["setup"]["features"] == "none (--no-fid)" and saved["setup"]["real"] is None
 
 
 def test_missing_inception_weights_message(tmp_path, real_dir):
@@ -107,8 +192,10 @@ def test_missing_inception_weights_message(tmp_path, real_dir):
 
 def test_accelerate_two_processes_equal_one(tmp_path, real_dir):
     # one thread per process in both runs, as accelerate sets it: CPU matmuls round alike
-    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    common = benchmark_args(tmp_path, real_dir, "--features", "standin:features", "--ratios", "0.5")
+    # the child imports this checkout's agentsd, whatever is installed; --features names a file
+    path = os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+    common = benchmark_args(tmp_path, real_dir, "--features", STANDIN, "--ratios", "0.5")
     single = [a if a != str(tmp_path / "out") else str(tmp_path / "single") for a in common]
     subprocess.run([sys.executable, "-m", "agentsd.fid_benchmark", *single], check=True, env=env, capture_output=True)
     # accelerate 1.x starts one process for `--cpu --num_processes 2`; `--multi_gpu` starts two on the CPU
@@ -121,6 +208,6 @@ def test_accelerate_two_processes_equal_one(tmp_path, real_dir):
     for image in (tmp_path / "single").glob("images/*/*.png"):
         twin = out / image.relative_to(tmp_path / "single")
         np.testing.assert_array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(twin)))
-    one, two = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "single", out))
+    one, two = (json.loads((d / "results.json").read_text())["results"] for d in (tmp_path / "single", out))
     assert [r["fid"] for r in two] == pytest.approx([r["fid"] for r in one], rel=1e-9)
     assert [r["ssim"] for r in two] == [r["ssim"] for r in one]
