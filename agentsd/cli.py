@@ -22,9 +22,9 @@ from .options import (
 from .pipelines import DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS
 
 # apply_patch's keywords as options, to name the option in build_config's messages
-PATCH_OPTIONS = {"agent_ratio": "--agent-ratio", "ratio": "--ratio", "sx": "--sx", "sy": "--sy", "k_scale2": "--k-scale2",
-                 "k_shortcut": "--k-shortcut", "max_downsample": "--max-downsample", "attn_precision": "--attn-precision",
-                 "seed": "--patch-seed"}  # fmt: skip
+PATCH_OPTIONS = {"agent_ratio": "--agent-ratio", "ratio": "--ratio", "sx": "--sx", "sy": "--sy",
+                 "k_scale2": "--k-scale2", "k_shortcut": "--k-shortcut", "max_downsample": "--max-downsample",
+                 "attn_precision": "--attn-precision", "seed": "--patch-seed"}  # fmt: skip
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the pipeline's own")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 elsewhere")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N, mps, xpu (default: cuda if available, else cpu)")
 
 
 def add_patch_arguments(parser: argparse.ArgumentParser) -> None:

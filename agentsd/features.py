@@ -15,14 +15,15 @@ def load_feature_network(spec: str):
     target, colon, name = spec.rpartition(":")
     if not colon or not target or not name.isidentifier():
         raise ValueError(f"--features must be {FORMS}, got {spec!r}")
-    module = _module_from_file(Path(target), spec) if target.endswith(".py") or os.sep in target else _module(target, spec)
+    is_path = target.endswith(".py") or os.sep in target
+    module = _module_from_file(Path(target), spec) if is_path else _module(target, spec)
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ValueError(f"--features {spec}: {target} has no callable {name!r}")
     try:
         return factory()
     except Exception as error:
-        raise ValueError(f"--features {spec}: {name}() failed ({type(error).__name__}: {_first_line(error)})") from None
+        raise ValueError(f"--features {spec}: {name}() failed ({_reason(error)})") from None
 
 
 def _module(name: str, spec: str):
@@ -35,11 +36,12 @@ def _module(name: str, spec: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
-        if error.name is not None and (name == error.name or name.startswith(error.name + ".")):  # the module itself, not one it imports
+        # the module itself, not one that it imports
+        if error.name is not None and (name == error.name or name.startswith(error.name + ".")):
             raise ValueError(f"--features {spec}: no module {name!r} on sys.path or in {cwd}; give {FORMS}") from None
         raise ValueError(f"--features {spec}: importing {name} failed (ModuleNotFoundError: {error})") from None
     except Exception as error:
-        raise ValueError(f"--features {spec}: importing {name} failed ({type(error).__name__}: {_first_line(error)})") from None
+        raise ValueError(f"--features {spec}: importing {name} failed ({_reason(error)})") from None
     finally:
         if added:
             sys.path.remove(cwd)
@@ -53,10 +55,10 @@ def _module_from_file(path: Path, spec: str):
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:
-        raise ValueError(f"--features {spec}: running {path} failed ({type(error).__name__}: {_first_line(error)})") from None
+        raise ValueError(f"--features {spec}: running {path} failed ({_reason(error)})") from None
     return module
 
 
-def _first_line(error: BaseException) -> str:
+def _reason(error: BaseException) -> str:
     text = str(error).strip()
-    return text.splitlines()[0] if text else "no message"
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else 'no message'}"

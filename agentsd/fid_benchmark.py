@@ -15,7 +15,9 @@ are not generated again, so an interrupted run continues where it stopped.
 
 import argparse
 import csv
+import io
 import json
+import os
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -31,7 +33,16 @@ from .environment import versions
 from .features import load_feature_network
 from .generate import Job, generate_images, save_png
 from .options import finite_float, make_output_folder, positive_int
-from .pipelines import DTYPES, METHODS, LoadError, load_pipeline, patch_pipeline, patch_settings, resolve_device, unpatch_pipeline
+from .pipelines import (
+    DTYPES,
+    METHODS,
+    LoadError,
+    load_pipeline,
+    patch_pipeline,
+    patch_settings,
+    resolve_device,
+    unpatch_pipeline,
+)
 
 CLASSES_FILE = Path(__file__).parent / "data" / "imagenet_classes.txt"
 TEMPLATE = "A high quality photograph of a {}."  # the ToMe-SD / AgentSD papers' prompt
@@ -50,7 +61,8 @@ def parse_args(argv=None, prog=None):
     add_model_arguments(parser)
     parser.set_defaults(scheduler="pndm", height=512, width=512, batch_size=4)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["baseline", "tome", "agentsd"])
-    parser.add_argument("--ratios", nargs="+", type=finite_float, default=[0.1, 0.2, 0.3, 0.4, 0.5], help="each in [0, 1)")
+    parser.add_argument("--ratios", nargs="+", type=finite_float, default=[0.1, 0.2, 0.3, 0.4, 0.5],
+                        help="each in [0, 1)")
     parser.add_argument("--num-images", type=positive_int, default=2000)
     parser.add_argument("--images-per-class", type=positive_int, default=2)
     parser.add_argument("--prompts-file", help="one prompt a line, used in turn, instead of the ImageNet classes")
@@ -115,10 +127,10 @@ def run(args, feature=None) -> list[dict] | None:
                     guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
                     progress=state.is_main_process,
                 )  # fmt: skip
-            except ValueError as error:  # the pipeline's own checks, for what is not checked before (a latent too small)
+            except ValueError as error:  # the pipeline's own checks, of what is not checked before (a tiny latent)
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise BenchmarkError(f"the pipeline stopped at --height {args.height} --width {args.width} "
-                                     f"--steps {args.steps} ({type(pipe.scheduler).__name__}): {reason}") from None  # fmt: skip
+                raise BenchmarkError(f"the pipeline stopped at --height {args.height} --width {args.width} --steps "
+                                     f"{args.steps} ({type(pipe.scheduler).__name__}): {reason}") from None  # fmt: skip
             unpatch_pipeline(pipe)
             timing = dict(seconds=stats.timed_seconds, images=stats.timed_images, peak_gb=stats.peak_gb)
             (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -150,7 +162,7 @@ def check(args) -> list[tuple[str, str, dict]]:
         try:
             lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
         except (OSError, UnicodeDecodeError) as error:
-            raise BenchmarkError(f"--prompts-file {path}: cannot read it as UTF-8 text ({type(error).__name__})") from None
+            raise BenchmarkError(f"--prompts-file {path}: cannot read it as UTF-8 ({type(error).__name__})") from None
         if not [line for line in lines if line.strip()]:
             raise BenchmarkError(f"--prompts-file {path} is missing or has no prompts (one a line)")
     if not args.no_fid:
@@ -171,11 +183,13 @@ def read_real_statistics(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise BenchmarkError(f"--real-stats {path} does not exist") from None
     except (OSError, ValueError, KeyError) as error:  # not an .npz, or one without mu and sigma
-        raise BenchmarkError(f"--real-stats {path} is not a pytorch-fid .npz with mu and sigma ({type(error).__name__}: "
-                             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None  # fmt: skip
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise BenchmarkError(f"--real-stats {path} is not a pytorch-fid .npz with mu and sigma "
+                             f"({type(error).__name__}: {reason})") from None  # fmt: skip
     d = mu.shape[0] if mu.ndim == 1 else -1
     if d < 2 or sigma.shape != (d, d) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise BenchmarkError(f"--real-stats {path}: mu must be (d,) and sigma (d, d), finite; got {mu.shape} and {sigma.shape}")
+        raise BenchmarkError(f"--real-stats {path}: mu must be (d,) and sigma (d, d), finite; got {mu.shape} and "
+                             f"{sigma.shape}")  # fmt: skip
     return mu, sigma
 
 
@@ -214,8 +228,9 @@ def make_fid(args, feature, device):
     except Exception as error:
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         if feature is not None:
-            raise BenchmarkError(f"--features {args.features or features}: torchmetrics' FID does not take it ({reason}); "
-                                 "it must be a torch.nn.Module mapping images (B, 3, H, W) to features (B, d)") from None  # fmt: skip
+            raise BenchmarkError(f"--features {args.features or features}: torchmetrics' FID does not take it "
+                                 f"({reason}); it must be a torch.nn.Module mapping images (B, 3, H, W) to "
+                                 "features (B, d)") from None  # fmt: skip
         raise BenchmarkError(
             f"could not load the Inception network for FID ({reason}). It needs the `fid` extra "
             '(pip install -e ".[fid]", see the README) and its weights file: download '
@@ -309,16 +324,22 @@ def measure(args, runs, jobs, metric, device) -> list[dict]:
 
 def setup(args, pipe, features: str | None) -> dict:
     """What the results depend on, written beside them."""
-    real = None if features is None else (f"--real-stats {args.real_stats}" if args.real_stats else
-                                          f"--real-dir {args.real_dir} ({len(_image_files(Path(args.real_dir)))} images)")  # fmt: skip
+    if features is None:
+        real = None
+    elif args.real_stats:
+        real = f"--real-stats {args.real_stats}"
+    else:
+        real = f"--real-dir {args.real_dir} ({len(_image_files(Path(args.real_dir)))} images)"
+    if args.prompts_file:
+        prompt_source = f"--prompts-file {args.prompts_file}"
+    else:
+        prompt_source = f"{TEMPLATE!r} over the ImageNet-1k classes, {args.images_per_class} per class"
     return dict(
         model=args.model, steps=args.steps, scheduler=type(pipe.scheduler).__name__, guidance=args.guidance,
-        height=args.height, width=args.width, dtype=str(pipe.unet.dtype).removeprefix("torch."), device=str(pipe.device),
-        batch_size=args.batch_size, seed=args.seed, num_images=args.num_images,
-        prompts=f"--prompts-file {args.prompts_file}" if args.prompts_file else f"{TEMPLATE!r}, ImageNet-1k classes, "
-        f"{args.images_per_class} per class", features=features or "none (--no-fid)", real=real,
-        versions=versions(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command=getattr(args, "command", None),
+        height=args.height, width=args.width, dtype=str(pipe.unet.dtype).removeprefix("torch."),
+        device=str(pipe.device), batch_size=args.batch_size, seed=args.seed, num_images=args.num_images,
+        prompts=prompt_source, features=features or "none (--no-fid)", real=real, versions=versions(),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=getattr(args, "command", None),
     )  # fmt: skip
 
 
@@ -327,12 +348,13 @@ def write_results(out: Path, results: list[dict], setup: dict) -> None:
     fields = ["run", "method", "ratio", "images", "fid", "s_per_image", "gb_per_image", "speedup", "memory_saving",
               "psnr", "ssim", "lpips"]  # fmt: skip
     per_row = {key: setup[key] for key in ("model", "steps", "scheduler", "guidance", "height", "width", "features")}
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields + list(per_row))
-        writer.writeheader()
-        writer.writerows(dict(row, **per_row) for row in results)
-    (out / "results.json").write_text(json.dumps({"setup": setup, "results": results}, indent=1))
-    (out / "results.md").write_text(setup_markdown(setup) + "\n" + markdown(results))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields + list(per_row))
+    writer.writeheader()
+    writer.writerows(dict(row, **per_row) for row in results)
+    _write(out / "results.csv", table.getvalue())
+    _write(out / "results.json", json.dumps({"setup": setup, "results": results}, indent=1))
+    _write(out / "results.md", setup_markdown(setup) + "\n" + markdown(results))
     if any(row["fid"] is not None for row in results):
         plot(results, out / PLOT)
     else:
@@ -389,6 +411,14 @@ def _lpips(device):
         return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(device)
     except Exception:
         return None
+
+
+def _write(path: Path, text: str) -> None:
+    """Written beside and renamed into place: an interrupted run leaves the last results whole."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="") as f:
+        f.write(text)
+    os.replace(partial, path)
 
 
 def _ratio(base, value):

@@ -79,13 +79,14 @@ def check_device(name: str) -> str:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ValueError(f"{name!r} is not a torch device (cpu, cuda, cuda:N, mps, xpu, ...); this machine has {here}") from None
+        raise ValueError(f"{name!r} is not a torch device (cpu, cuda, cuda:N, mps, xpu, ...); "
+                         f"this machine has {here}") from None  # fmt: skip
     if device.type == "cpu":
         return name
     if device.type not in {d.split(":")[0] for d in devices}:
         build = " (a CPU build)" if device.type == "cuda" and torch.version.cuda is None else ""
-        raise ValueError(f"{name} is not available: torch {torch.__version__}{build} sees no {device.type} device here; "
-                         f"this machine has {here}")  # fmt: skip
+        raise ValueError(f"{name} is not available: torch {torch.__version__}{build} sees no {device.type} device "
+                         f"here; this machine has {here}")  # fmt: skip
     if device.index is not None and str(device) not in devices:
         raise ValueError(f"{name} is not available; this machine has {here}")
     return name

@@ -74,8 +74,8 @@ def load_failure(model: str, error: Exception) -> str:
     tiny = "--model tiny checks the install with random weights."
     folder = Path(model).expanduser()
     if folder.is_file():
-        return (f"could not load --model {model}: it is a file; --model takes a diffusers pipeline folder "
-                f"(with a model_index.json, as save_pretrained writes it) or a Hugging Face Hub id. {tiny}")  # fmt: skip
+        return (f"could not load --model {model}: it is a file; --model takes a diffusers pipeline folder (with "
+                f"a model_index.json, as save_pretrained writes it) or a Hugging Face Hub id. {tiny}")  # fmt: skip
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             return (f"could not load --model {model}: the folder has no model_index.json, so it is not a diffusers "
@@ -84,7 +84,8 @@ def load_failure(model: str, error: Exception) -> str:
     try:
         validate_repo_id(model)
     except HFValidationError:
-        return f"could not load --model {model}: there is no such folder, and it is not a Hugging Face Hub id (owner/name). {tiny}"
+        return (f"could not load --model {model}: there is no such folder, and it is not a Hugging Face Hub id "
+                f"(owner/name). {tiny}")  # fmt: skip
     chain = _causes(error)
     if any(isinstance(e, GatedRepoError) for e in chain):
         return (f"could not load --model {model}: the model is gated on the Hugging Face Hub; accept its terms on its "
@@ -93,7 +94,8 @@ def load_failure(model: str, error: Exception) -> str:
         return (f"could not load --model {model}: there is no such folder, and the Hugging Face Hub has no model of "
                 f"that name (or it is private: log in with `hf auth login`). {tiny}")  # fmt: skip
     if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
-        return f"could not load --model {model} from the Hugging Face cache ({constants.HF_HUB_CACHE}): {reason}. {tiny}"
+        cache = constants.HF_HUB_CACHE
+        return f"could not load --model {model} from the Hugging Face cache ({cache}): {reason}. {tiny}"
     # the network error underneath, not diffusers' own advice about local_files_only and stack traces
     underneath = f" ({reason})" if root is not error else ""
     offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else underneath

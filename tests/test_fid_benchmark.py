@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -188,6 +189,32 @@ def test_missing_inception_weights_message(tmp_path, real_dir):
     args = fid_benchmark.parse_args(["--real-dir", str(real_dir), "--inception-weights", str(tmp_path / "none.pth")])
     with pytest.raises(fid_benchmark.BenchmarkError, match="--inception-weights"):
         fid_benchmark.make_fid(args, None, "cpu")
+
+
+def inception_weights_file(path: Path) -> None:
+    """A weights file of torch-fidelity's Inception layout with random values: the real one is a download."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(torch, "load", return_value={}), mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="none")
+    torch.save(network.state_dict(), path)
+
+
+def test_inception_fid_end_to_end(tmp_path, real_dir, capsys):
+    """The `fid` extra's smoke test (CI runs it in a venv of its own): torch-fidelity and torchvision import
+    beside torch, and the benchmark measures FID with the real Inception network (random weights)."""
+    pytest.importorskip("torch_fidelity", reason="needs the fid extra")
+    import torchvision
+
+    assert torchvision.ops.nms(torch.tensor([[0.0, 0, 1, 1]]), torch.tensor([1.0]), 0.5).tolist() == [0]
+    weights = tmp_path / "inception.pth"
+    inception_weights_file(weights)
+    cli.main(["benchmark", *benchmark_args(tmp_path, real_dir), "--num-images", "2", "--methods", "agentsd", "--ratios",
+              "0.5", "--inception-weights", str(weights)])  # fmt: skip
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["setup"]["features"] == fid_benchmark.INCEPTION
+    assert saved["setup"]["versions"]["torch-fidelity"] and saved["setup"]["versions"]["torchvision"]
+    assert all(np.isfinite(r["fid"]) and r["fid"] >= 0 for r in saved["results"])
 
 
 def test_accelerate_two_processes_equal_one(tmp_path, real_dir):
