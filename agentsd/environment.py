@@ -14,10 +14,14 @@ def package_version(name: str) -> str | None:
 
 def versions() -> dict[str, str | None]:
     """The versions a result depends on, to record beside it."""
+    import torch
+
     from . import __version__
 
-    names = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "torchmetrics", "torch-fidelity")
-    return {"python": sys.version.split()[0], "agentsd": __version__, **{name: package_version(name) for name in names}}
+    names = ("torchvision", "diffusers", "transformers", "accelerate", "torchmetrics", "torch-fidelity")
+    # torch's own string names its build (+cpu, +cu130), which its package metadata leaves out
+    return {"python": sys.version.split()[0], "agentsd": __version__, "torch": torch.__version__,
+            **{name: package_version(name) for name in names}}  # fmt: skip
 
 
 def torchvision_problem() -> str | None:

@@ -91,6 +91,7 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--sx", "0", "--sy", "2", "--agent-ratio", "0.5"], "argument --sx: must be a whole number >= 1"),
     (["x", "--sx", "2", "--sy", "2", "--agent-ratio", "1"], "--agent-ratio must be in [0, 1)"),
     (["x", "--k-scale2", "inf"], "argument --k-scale2: must be a finite number"),
+    (["x", "--k-shortcut", "2"], "--k-shortcut must be in [0, 1]"),
     (["x", "--max-downsample", "3"], "argument --max-downsample: invalid choice: 3"),
     (["x", "--attn-precision", "fp8"], "argument --attn-precision: invalid choice"),
     (["x", "--scheduler", "fast"], "argument --scheduler: invalid choice"),
@@ -123,7 +124,7 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--model", "FILE"], "it is a file; --model takes a diffusers pipeline folder"),
     # the ones below load the tiny pipeline first
     (["x", "--steps", "1001"], "argument --steps: at most 1000"),
-    (["x", "--height", "8", "--width", "8", "--steps", "1"], "the pipeline stopped at --height 8 --width 8"),
+    (["x", "--height", "8", "--width", "8", "--steps", "2"], "the pipeline stopped at --height 8 --width 8"),
     (["x", "--out", "/proc/agentsd-test/out"], "argument --out: cannot make the folder /proc/agentsd-test/out"),
 ])  # fmt: skip
 def test_bad_input_exits_2_with_one_line_naming_the_option(tmp_path, args, message, capsys):
@@ -177,7 +178,8 @@ def test_a_torchvision_that_does_not_match_torch_is_one_paragraph(tmp_path):
                                 capture_output=True, text=True, env=env)  # fmt: skip
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         error = result.stderr.strip().splitlines()[-1]
-        assert "torchvision is installed but does not work with torch" in error
+        assert error.startswith(f"agentsd {command[0]}: error: torchvision")  # its version too where one is installed
+        assert "is installed but does not work with torch" in error
         assert "operator torchvision::nms does not exist" in error and "pip uninstall torchvision" in error
     assert not (tmp_path / "out").exists()
 
