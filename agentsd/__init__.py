@@ -16,13 +16,19 @@ if TYPE_CHECKING:
     from .patch import apply_patch, is_patched, remove_patch
 
 
-def __getattr__(name):
-    if name in _HOMES:
-        import importlib
+# the submodules that importing them here made attributes of the package (`import agentsd; agentsd.patch`)
+_SUBMODULES = {"patch", "config", "attention", "block", "merge", "schedule", "kernels"}
 
+
+def __getattr__(name):
+    import importlib
+
+    if name in _HOMES:
         return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_HOMES))
+    return sorted(set(globals()) | set(_HOMES) | _SUBMODULES)

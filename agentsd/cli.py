@@ -15,6 +15,7 @@ from .options import (
     guidance_scale,
     image_size,
     make_output_folder,
+    nonnegative_int,
     positive_int,
     remove_made_folders,
     seed,
@@ -24,7 +25,7 @@ from .pipelines import DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS
 # apply_patch's keywords as options, to name the option in build_config's messages
 PATCH_OPTIONS = {"agent_ratio": "--agent-ratio", "ratio": "--ratio", "sx": "--sx", "sy": "--sy",
                  "k_scale2": "--k-scale2", "k_shortcut": "--k-shortcut", "max_downsample": "--max-downsample",
-                 "attn_precision": "--attn-precision", "seed": "--patch-seed"}  # fmt: skip
+                 "attn_precision": "--attn-precision", "seed": "--patch-seed", "min_tokens": "--min-tokens"}  # fmt: skip
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,8 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--patch-seed", type=seed, help="seed of the random destinations (default: --seed)")
     group.add_argument("--merge-crossattn", action="store_true", default=None)
     group.add_argument("--merge-mlp", action="store_true", default=None)
+    group.add_argument("--min-tokens", type=nonnegative_int,
+                       help="merge only in blocks with at least this many tokens (default 8192; 0: everywhere)")
 
 
 def check_model_arguments(args, parser) -> None:
@@ -91,7 +94,7 @@ def settings_from(args, parser) -> dict:
     from .pipelines import patch_settings
 
     names = ("sx", "sy", "agent_ratio", "max_downsample", "k_scale2", "k_shortcut", "attn_precision", "use_rand",
-             "merge_crossattn", "merge_mlp")  # fmt: skip
+             "merge_crossattn", "merge_mlp", "min_tokens")  # fmt: skip
     settings = {name: getattr(args, name) for name in names}
     settings["seed"] = args.seed if args.patch_seed is None else args.patch_seed
     try:

@@ -17,6 +17,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
 def image_size(text: str) -> int:
     value = _int(text)
     if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:

@@ -22,7 +22,9 @@ REPO = Path(__file__).parent.parent
 
 def generate(tmp_path, *args):
     out = tmp_path / "out"
-    main(["generate", "a red cube", "a blue ball", "--model", "tiny", "--steps", "3", "--out", str(out), *args])
+    # --min-tokens 0: the tiny model's blocks are below the default 8192 tokens and would not be merged
+    main(["generate", "a red cube", "a blue ball", "--model", "tiny", "--steps", "3", "--min-tokens", "0", "--out",
+          str(out), *args])  # fmt: skip
     return out
 
 
@@ -47,7 +49,7 @@ def test_an_image_regenerates_from_its_metadata(tmp_path):
     s = meta["settings"]
     main(["generate", meta["prompt"], "--model", meta["model"], "--steps", str(meta["steps"]), "--seed", str(meta["seed"]),
           "--patch-seed", str(s["seed"]), "--sx", str(s["sx"]), "--sy", str(s["sy"]), "--agent-ratio",
-          str(s["agent_ratio"]), "--ratio", str(s["ratio"]), "--out", str(again)])  # fmt: skip
+          str(s["agent_ratio"]), "--ratio", str(s["ratio"]), "--min-tokens", str(s["min_tokens"]), "--out", str(again)])  # fmt: skip
     first, second = (np.asarray(Image.open(p)) for p in (out / "00001.png", again / "00000.png"))
     # alone in its batch the GEMMs have other shapes: at most a rounding step apart, on a few pixels
     difference = np.abs(first.astype(int) - second.astype(int))
@@ -92,6 +94,7 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--sx", "2", "--sy", "2", "--agent-ratio", "1"], "--agent-ratio must be in [0, 1)"),
     (["x", "--k-scale2", "inf"], "argument --k-scale2: must be a finite number"),
     (["x", "--k-shortcut", "2"], "--k-shortcut must be in [0, 1]"),
+    (["x", "--min-tokens", "-1"], "argument --min-tokens: must be a whole number >= 0"),
     (["x", "--max-downsample", "3"], "argument --max-downsample: invalid choice: 3"),
     (["x", "--attn-precision", "fp8"], "argument --attn-precision: invalid choice"),
     (["x", "--scheduler", "fast"], "argument --scheduler: invalid choice"),
@@ -209,8 +212,8 @@ def test_the_steps_bar_counts_the_unet_steps(tmp_path, scheduler, steps, monkeyp
 
 
 def test_ratio_0_is_the_baseline_bit_for_bit(tmp_path):
-    for method in ("baseline", "agentsd"):
+    for method in ("baseline", "agentsd"):  # --min-tokens 0: the tiny model's blocks go through the patch too
         main(["generate", "a red cube", "--model", "tiny", "--steps", "2", "--method", method, "--ratio", "0",
-              "--out", str(tmp_path / method)])  # fmt: skip
+              "--min-tokens", "0", "--out", str(tmp_path / method)])  # fmt: skip
     baseline, agentsd_0 = (np.asarray(Image.open(tmp_path / m / "00000.png")) for m in ("baseline", "agentsd"))
     np.testing.assert_array_equal(agentsd_0, baseline)
