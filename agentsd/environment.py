@@ -44,7 +44,7 @@ def torchvision_problem() -> str | None:
             f"({type(error).__name__}: {reason}); transformers and diffusers import it, so no pipeline can load. "
             "Install the torchvision built for this torch, from the same place as torch (a CPU torch needs the CPU "
             "torchvision: `pip install torchvision --index-url https://download.pytorch.org/whl/cpu`), or a torch and "
-            "torchvision released together (`pip install torch==2.14.1 torchvision==0.29.1`), or remove it "
+            "torchvision released together (for example `pip install torch==2.14.1 torchvision==0.29.1`), or remove it "
             "(`pip uninstall torchvision`): agentsd needs it only for FID (the `fid` extra)."
         )
     return None
