@@ -107,6 +107,7 @@ def main(argv=None, prog=None):
         for mode in modes:
             methods = [m for m in args.methods if mode == "eager" or m in COMPILABLE]
             new = steady_rows(config, mode, methods, args)
+            torch.cuda.empty_cache() if cuda else None  # the config's pipelines are gone
             for row in new:
                 if row["method"] in args.first_image_methods:
                     row.update(first_images(config, row["method"], mode, args))
@@ -222,8 +223,6 @@ def steady_rows(config: str, mode: str, methods: list[str], args) -> list[dict]:
         ratios = [b / s for b, s in zip(baseline, row["seconds"])]
         row.update(speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios))
         print(json.dumps(row), flush=True)
-    del pipes, base
-    torch.cuda.empty_cache() if device.type == "cuda" else None
     return list(rows.values())
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from agentsd.attention import AgentSDAttnProcessor, output_projection, split_heads
+from agentsd.attention import agent_attention_of, output_projection, split_heads
+from agentsd.config import build_config
 from agentsd.block import lean_forward, runs_lean
 from agentsd.merge import merge_counts
 from agentsd.patch import transformer_blocks
@@ -44,11 +45,12 @@ class ToDoProcessor:
         return output_projection(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
 
 
-class FreePlanProcessor(AgentSDAttnProcessor):
+class FreePlanProcessor:
     """A stage with fixed gather indices in place of the merge plan and the merge."""
 
+    config = build_config(seed=0)  # apply_patch's k_scale2, k_shortcut and attention precision
+
     def __init__(self, num_tokens: int, num_dst: int, ratio: float, agent_ratio: float, device):
-        super().__init__(None, None, k_scale2=0.3, k_shortcut=0.075, upcast=False, plain=False)
         num_merged, num_agent_merged = merge_counts(num_tokens, num_dst, ratio, agent_ratio)
         kept = num_tokens - num_merged
         spread = lambda count: torch.arange(count, device=device) * num_tokens // count  # noqa: E731
@@ -59,7 +61,7 @@ class FreePlanProcessor(AgentSDAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         merged = hidden_states.index_select(1, self.keep)
         if self.agents is not None:
-            out = self.agent_attention(attn, merged, hidden_states.index_select(1, self.agents))
+            out = agent_attention_of(attn, merged, hidden_states.index_select(1, self.agents), self.config)
         else:
             q, k, v = (split_heads(attn, proj(merged)) for proj in (attn.to_q, attn.to_k, attn.to_v))
             out = output_projection(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale))
@@ -72,7 +74,7 @@ def lean_free_forward(block, processor):
     replaced = block.forward
 
     def forward(hidden_states, *args, **kwargs):
-        if runs_lean(block, processor, hidden_states, args, kwargs):
+        if runs_lean(block, hidden_states, args, kwargs):
             attend = lambda h, residual: processor(block.attn1, h) + residual  # noqa: E731
             return lean_forward(block, hidden_states, kwargs["encoder_hidden_states"], attend)
         return replaced(hidden_states, *args, **kwargs)
