@@ -1,4 +1,5 @@
-"""The `agentsd` command: `agentsd generate ...` makes images, `agentsd benchmark ...` runs the FID benchmark."""
+"""The `agentsd` command: `agentsd generate ...` makes images; `agentsd benchmark speed ...` times whole
+generations against the baseline and its peers; `agentsd benchmark fid ...` runs the FID benchmark."""
 
 import argparse
 import re
@@ -63,6 +64,9 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--merge-mlp", action="store_true", default=None)
     group.add_argument("--min-tokens", type=nonnegative_int,
                        help="merge only in blocks with at least this many tokens (default 8192; 0: everywhere)")
+    group.add_argument("--deepcache", type=positive_int, metavar="N",
+                       help="also DeepCache's step caching, the full UNet every N steps (3 is its usual setting; "
+                            "needs pip install \"agentsd[deepcache]\")")  # fmt: skip
 
 
 def check_model_arguments(args, parser) -> None:
@@ -126,13 +130,21 @@ def generate(args, parser) -> None:
     prompts = read_prompts(args, parser)
     check_model_arguments(args, parser)
     settings = settings_from(args, parser)
+    if args.deepcache is not None:
+        from .pipelines import check_deepcache_installed
+
+        try:
+            check_deepcache_installed()
+        except ImportError as error:
+            parser.error(f"argument --deepcache: {error}")
     exit_if_broken_install(parser)
     from .generate import Job, generate_images, save_png
     from .pipelines import LoadError, load_pipeline, patch_pipeline, resolve_device
 
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
     try:
-        pipe = patch_pipeline(load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler), settings)
+        pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
+        patch_pipeline(pipe, settings, deepcache=args.deepcache)
     except LoadError as error:
         parser.error(str(error))
     except (TypeError, ValueError) as error:  # a pipeline agentsd cannot patch
@@ -149,7 +161,7 @@ def generate(args, parser) -> None:
         parser.error(f"argument --out: {error}")
     common = dict(model=args.model, method=args.method, steps=args.steps, guidance=args.guidance, height=height,
                   width=width, scheduler=type(pipe.scheduler).__name__, dtype=str(dtype).removeprefix("torch."),
-                  settings=settings, version=__version__)  # fmt: skip
+                  settings=settings, deepcache=args.deepcache, version=__version__)  # fmt: skip
 
     def save(job, image):
         save_png(out / f"{job.index:05d}.png", image, dict(prompt=job.prompt, seed=job.seed, **common))
@@ -182,17 +194,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gen.add_argument("--out", default="outputs/generate", help="folder for the PNG files")
     add_model_arguments(gen)
     add_patch_arguments(gen)
-    commands.add_parser("benchmark", add_help=False, help="FID benchmark: agentsd benchmark --help")
+    commands.add_parser("benchmark", add_help=False,
+                        help="agentsd benchmark speed ... (whole generations) or agentsd benchmark fid ... (FID)")  # fmt: skip
     return parser, gen
+
+
+def benchmark(argv: list[str]) -> None:
+    """`agentsd benchmark speed ...` or `agentsd benchmark fid ...` (`agentsd benchmark --real-dir ...`, the
+    FID benchmark's earlier spelling, still works)."""
+    if argv[:1] == ["speed"]:
+        from .speed_benchmark import main as speed
+
+        return speed(argv[1:], prog="agentsd benchmark speed")
+    from .fid_benchmark import main as fid
+
+    return fid(argv[1:] if argv[:1] == ["fid"] else argv, prog="agentsd benchmark fid")
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser, gen = build_parser()
     if argv[:1] == ["benchmark"]:
-        from .fid_benchmark import main as benchmark
-
-        return benchmark(argv[1:], prog="agentsd benchmark")
+        return benchmark(argv[1:])
     args = parser.parse_args(argv)
     generate(args, gen)
 

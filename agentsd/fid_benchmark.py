@@ -32,16 +32,19 @@ from .cli import add_model_arguments, check_model_arguments, exit_if_broken_inst
 from .environment import versions
 from .features import load_feature_network
 from .generate import Job, generate_images, save_png
-from .options import finite_float, make_output_folder, positive_int
+from .options import finite_float, make_output_folder, nonnegative_int, positive_int
 from .pipelines import (
+    DEEPCACHE_INTERVAL,
     DTYPES,
     METHODS,
     LoadError,
+    check_deepcache_installed,
     load_pipeline,
     patch_pipeline,
     patch_settings,
     resolve_device,
     unpatch_pipeline,
+    uses_deepcache,
 )
 
 CLASSES_FILE = Path(__file__).parent / "data" / "imagenet_classes.txt"
@@ -60,7 +63,13 @@ def parse_args(argv=None, prog=None):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.set_defaults(scheduler="pndm", height=512, width=512, batch_size=4)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["baseline", "tome", "agentsd"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["baseline", "tome", "agentsd"],
+                        help="deepcache: DeepCache alone; agentsd+deepcache: composed (pip install \"agentsd[deepcache]\")")
+    parser.add_argument("--deepcache-interval", type=positive_int, default=DEEPCACHE_INTERVAL,
+                        help="DeepCache's cache interval for the deepcache methods: the full UNet every N steps")
+    parser.add_argument("--min-tokens", type=nonnegative_int, default=0,
+                        help="apply_patch's min_tokens; 0, the papers' protocol: merge at 512px too (apply_patch's "
+                             "own default, 8192, merges nothing there)")  # fmt: skip
     parser.add_argument("--ratios", nargs="+", type=finite_float, default=[0.1, 0.2, 0.3, 0.4, 0.5],
                         help="each in [0, 1)")
     parser.add_argument("--num-images", type=positive_int, default=2000)
@@ -118,9 +127,10 @@ def run(args, feature=None) -> list[dict] | None:
         batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
         mine = [job for batch in batches[state.process_index :: state.num_processes] for job in batch]
         if mine:
-            patch_pipeline(pipe, settings)
+            deepcache = args.deepcache_interval if uses_deepcache(method) else None
+            patch_pipeline(pipe, settings, deepcache=deepcache)
             metadata = dict(model=args.model, method=method, steps=args.steps, guidance=args.guidance,
-                            scheduler=type(pipe.scheduler).__name__, settings=settings)  # fmt: skip
+                            scheduler=type(pipe.scheduler).__name__, settings=settings, deepcache=deepcache)  # fmt: skip
             try:
                 stats = generate_images(
                     pipe, mine, save=lambda job, image: _save(folder, job, image, metadata), steps=args.steps,
@@ -151,12 +161,17 @@ def check(args) -> list[tuple[str, str, dict]]:
         args.methods = ["baseline", *args.methods]  # speed-ups and paired scores are against it
     runs = []
     for method in dict.fromkeys(args.methods):
-        for ratio in [0.0] if method == "baseline" else args.ratios:
+        if uses_deepcache(method):
             try:
-                settings = patch_settings(method, ratio, seed=args.seed)
+                check_deepcache_installed()
+            except ImportError as error:
+                raise BenchmarkError(f"--methods {method}: {error}") from None
+        for ratio in [0.0] if method in ("baseline", "deepcache") else args.ratios:
+            try:
+                settings = patch_settings(method, ratio, seed=args.seed, min_tokens=args.min_tokens)
             except (TypeError, ValueError) as error:
                 raise BenchmarkError(f"--ratios {ratio:g} (--methods {method}): {error}") from None
-            runs.append((method if method == "baseline" else f"{method}-{ratio:g}", method, settings))
+            runs.append((method if method in ("baseline", "deepcache") else f"{method}-{ratio:g}", method, settings))
     if args.prompts_file:
         path = Path(args.prompts_file)
         try:

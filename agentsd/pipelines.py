@@ -12,7 +12,9 @@ from .config import build_config
 # torchvision that does not match torch (transformers imports it) is reported before diffusers trips on it.
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODELS = {"tiny": "sd15", "tiny-sdxl": "sdxl"}
-METHODS = ("baseline", "tome", "agentsd")
+# deepcache: DeepCache's step caching alone; agentsd+deepcache: both (the speed-ups multiply)
+METHODS = ("baseline", "tome", "agentsd", "deepcache", "agentsd+deepcache")
+DEEPCACHE_INTERVAL = 3  # DeepCache's own example setting for Stable Diffusion (cache_interval=3, branch 0)
 SCHEDULERS = {  # name on the command line: diffusers class
     "pndm": "PNDMScheduler",  # PLMS, the papers' sampler and SD 1.5's default
     "ddim": "DDIMScheduler",
@@ -127,7 +129,7 @@ def patch_settings(method: str, ratio: float, **settings) -> dict:
     """apply_patch keywords of a method; checks them (ValueError/TypeError) without a model."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "baseline":
+    if method in ("baseline", "deepcache"):
         return {}
     if method == "tome":  # ToMeSD: plain token merging, one 2x2 stride for every step (Bolya & Hoffman 2023)
         settings = dict(settings, sx=2, sy=2, agent_ratio=0.0, schedule=None)
@@ -142,26 +144,44 @@ def enable_deepcache(pipe, interval: int, branch: int = 0):
     apply_patch in either order; the helper's disable() removes it. Returns the helper."""
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ValueError(f"the DeepCache interval must be an int >= 1, got {interval!r}")
-    try:
-        from DeepCache import DeepCacheSDHelper
-    except ImportError:
-        raise ImportError("DeepCache is not installed: pip install \"agentsd[deepcache]\"") from None
+    check_deepcache_installed()
+    from DeepCache import DeepCacheSDHelper
+
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=interval, cache_branch_id=branch)  # branch 0: DeepCache's default for SD
     helper.enable()
     return helper
 
 
-def patch_pipeline(pipe, settings: dict):
+def uses_deepcache(method: str) -> bool:
+    return method.endswith("deepcache")
+
+
+def check_deepcache_installed() -> None:
+    """ImportError with the install command when DeepCache is missing (before any model is loaded)."""
+    import importlib.util
+
+    if importlib.util.find_spec("DeepCache") is None:
+        raise ImportError('DeepCache is not installed: pip install "agentsd[deepcache]"')
+
+
+def patch_pipeline(pipe, settings: dict, deepcache: int | None = None):
+    """apply_patch with `settings` (none: not patched), then DeepCache at interval `deepcache` (None:
+    without); unpatch_pipeline undoes both."""
     from .patch import apply_patch
 
     if settings:
         apply_patch(pipe, **settings)
+    if deepcache is not None:
+        pipe._deepcache = enable_deepcache(pipe, deepcache)
     return pipe
 
 
 def unpatch_pipeline(pipe):
     from .patch import remove_patch
 
+    helper = pipe.__dict__.pop("_deepcache", None)
+    if helper is not None:
+        helper.disable()
     remove_patch(pipe)
     return pipe

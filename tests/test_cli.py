@@ -1,5 +1,6 @@
 """`agentsd generate` end to end on tiny pipelines, and its errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -95,6 +96,7 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--k-scale2", "inf"], "argument --k-scale2: must be a finite number"),
     (["x", "--k-shortcut", "2"], "--k-shortcut must be in [0, 1]"),
     (["x", "--min-tokens", "-1"], "argument --min-tokens: must be a whole number >= 0"),
+    (["x", "--deepcache", "0"], "argument --deepcache: must be a whole number >= 1"),
     (["x", "--max-downsample", "3"], "argument --max-downsample: invalid choice: 3"),
     (["x", "--attn-precision", "fp8"], "argument --attn-precision: invalid choice"),
     (["x", "--scheduler", "fast"], "argument --scheduler: invalid choice"),
@@ -176,12 +178,12 @@ def test_a_torchvision_that_does_not_match_torch_is_one_paragraph(tmp_path):
     (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env["PYTHONPATH"]])
-    for command in (["generate", "x", "--model", "tiny"], ["benchmark", "--model", "tiny", "--no-fid"]):
+    for command in (["generate", "x", "--model", "tiny"], ["benchmark", "fid", "--model", "tiny", "--no-fid"]):
         result = subprocess.run([sys.executable, "-m", "agentsd.cli", *command, "--out", str(tmp_path / "out")],
                                 capture_output=True, text=True, env=env)  # fmt: skip
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         error = result.stderr.strip().splitlines()[-1]
-        assert error.startswith(f"agentsd {command[0]}: error: torchvision")  # its version too where one is installed
+        assert error.startswith(f"agentsd {' '.join(command[:2]) if command[0] == 'benchmark' else 'generate'}: error: torchvision")
         assert "is installed but does not work with torch" in error
         assert "operator torchvision::nms does not exist" in error and "pip uninstall torchvision" in error
     assert not (tmp_path / "out").exists()
@@ -209,6 +211,19 @@ def test_the_steps_bar_counts_the_unet_steps(tmp_path, scheduler, steps, monkeyp
     assert dict((desc, (n, total)) for desc, n, total in RecordingBar.closed) == {"steps": (unet_steps, unet_steps),
                                                                                   "images": (1, 1)}  # fmt: skip
     assert f"1 image in {tmp_path}:" in capsys.readouterr().out  # one image, not "1 images"
+
+
+def test_deepcache_composes_and_is_recorded(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("DeepCache")
+    out = generate(tmp_path, "--deepcache", "2", "--steps", "6")
+    assert json.loads(Image.open(out / "00000.png").text["agentsd"])["deepcache"] == 2
+    plain = generate(tmp_path / "plain", "--steps", "6")
+    assert not np.array_equal(np.asarray(Image.open(out / "00000.png")), np.asarray(Image.open(plain / "00000.png")))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "DeepCache" else real(name, *a, **k))
+    code, err = run_main(["generate", "x", "--model", "tiny", "--deepcache", "3", "--out", str(tmp_path / "none")], capsys)
+    assert_one_line_error(code, err, 'argument --deepcache: DeepCache is not installed: pip install "agentsd[deepcache]"')
+    assert not (tmp_path / "none").exists()
 
 
 def test_ratio_0_is_the_baseline_bit_for_bit(tmp_path):

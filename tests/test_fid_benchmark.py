@@ -148,7 +148,7 @@ def test_bad_input(tmp_path, real_dir, args, message, capsys):
     code, err = run_cli([*base, *args], capsys)
     assert code == 2 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("agentsd benchmark: error:") and message in last, err
+    assert last.startswith("agentsd benchmark fid: error:") and message in last, err
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
@@ -171,7 +171,23 @@ def test_no_fid_writes_no_empty_plot_and_says_so(tmp_path, capsys):
     assert all(r["fid"] is None and r["s_per_image"] > 0 for r in saved["results"])
     setup = saved["setup"]
     assert setup["features"] == "none (--no-fid)" and setup["real"] is None
-    assert setup["command"].startswith("agentsd benchmark --model tiny") and setup["steps"] == 2
+    assert setup["command"].startswith("agentsd benchmark fid --model tiny") and setup["steps"] == 2
+
+
+def test_step_caching_is_a_method_too(tmp_path):
+    """DeepCache alone and composed with agentsd, beside the baseline, under `agentsd benchmark fid`."""
+    pytest.importorskip("DeepCache")
+    out = tmp_path / "out"
+    cli.main(["benchmark", "fid", "--model", "tiny", "--num-images", "2", "--steps", "4", "--height", "64", "--width",
+              "64", "--methods", "deepcache", "agentsd+deepcache", "--ratios", "0.5", "--deepcache-interval", "2",
+              "--no-fid", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["run"] for r in results] == ["baseline", "deepcache", "agentsd+deepcache-0.5"]
+    assert all(r["s_per_image"] > 0 for r in results)
+    composed = json.loads(Image.open(out / "images" / "agentsd+deepcache-0.5" / "00000.png").text["agentsd"])
+    assert composed["deepcache"] == 2 and composed["settings"]["ratio"] == 0.5 and composed["settings"]["min_tokens"] == 0
+    baseline, cached = (np.asarray(Image.open(out / "images" / run / "00001.png")) for run in ("baseline", "deepcache"))
+    assert np.abs(baseline.astype(int) - cached.astype(int)).max() > 0  # DeepCache was on
 
 
 def test_missing_inception_weights_message(tmp_path, real_dir):

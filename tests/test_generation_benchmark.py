@@ -65,3 +65,12 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         speed_benchmark.main(["--out", str(out)])
     assert "is a file" in capsys.readouterr().err and out.read_text() == "keep"
+
+
+def test_agentsd_benchmark_speed_is_this_benchmark(tmp_path, capsys):
+    from agentsd import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["benchmark", "speed", "--rounds", "0", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "agentsd benchmark speed: error: --rounds must be at least 1" in capsys.readouterr().err
