@@ -127,6 +127,22 @@ def test_attention_slicing_goes_beneath_agentsd():
     np.testing.assert_allclose(generate(pipe), patched_sliced, atol=1e-5)
 
 
+def test_fused_projections_go_beneath_agentsd():
+    reference = tiny_pipeline("sd15")
+    reference.fuse_qkv_projections()
+    fused = generate(reference)
+    pipe = agentsd.apply_patch(tiny_pipeline("sd15"), ratio=0.0)
+    pipe.fuse_qkv_projections()
+    np.testing.assert_array_equal(generate(pipe), fused)
+    patched = generate(agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH))
+    agentsd.apply_patch(pipe, **PATCH)
+    assert_agentsd_on(pipe.unet)
+    np.testing.assert_allclose(generate(pipe), patched, atol=1e-5)  # agents on the same weights, fused or not
+    pipe.unfuse_qkv_projections()
+    assert_agentsd_on(pipe.unet)
+    np.testing.assert_allclose(generate(pipe), patched, atol=1e-5)
+
+
 def test_a_processor_assigned_directly_warns_once():
     pipe = agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH)
     attn = merged_attn1(pipe.unet)[0]
