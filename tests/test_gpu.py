@@ -91,3 +91,28 @@ def test_compile_equals_eager(dtype, mode):
         timestep = torch.tensor(t, device="cuda")
         eager = unet(sample, timestep, context).sample
         torch.testing.assert_close(compiled(sample, timestep, context).sample, eager, rtol=tolerance, atol=tolerance)
+
+
+@torch.no_grad()
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_a_unet_on_the_second_gpu_gives_what_it_gives_on_the_first(kind):
+    """A patched UNet moved with .to("cuda:1") while cuda:0 is current: the kernels launch on the tensors'
+    GPU, and the output equals the same UNet's on cuda:0 bit for bit (the kernels are deterministic)."""
+    import copy
+
+    from conftest import unet_inputs
+
+    assert torch.cuda.current_device() == 0
+    base = unet_from_config(kind, tiny=True).eval().half()
+    sample, timestep, context, kwargs = unet_inputs(kind, latent=(32, 32))
+    outputs = {}
+    for device in ("cuda:0", "cuda:1"):
+        unet = copy.deepcopy(base).to(device)
+        move = lambda t: t.to(device, torch.float16 if t.is_floating_point() else t.dtype)  # noqa: E731
+        extra = {k: {n: move(t) for n, t in v.items()} for k, v in kwargs.items()}
+        for name, stage in {"tome": dict(sx=2, sy=2, agent_ratio=0.5), "agent": dict(sx=4, sy=4, agent_ratio=0.95)}.items():
+            agentsd.apply_patch(unet, 0.5, **stage, seed=0, max_downsample=2)
+            outputs[device, name] = unet(move(sample), move(timestep), move(context), **extra).sample.cpu()
+    for name in ("tome", "agent"):
+        assert torch.equal(outputs["cuda:0", name], outputs["cuda:1", name]), name
