@@ -10,12 +10,12 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-SCRIPT = Path(__file__).parent.parent / "scripts" / "speed_benchmark.py"
+SCRIPT = Path(__file__).parent.parent / "scripts" / "speed_benchmark.py"  # --single-call: unet_call_benchmark.py
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke configuration")
 def test_speed_benchmark_smoke(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--generation", "sd15-512", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(SCRIPT), "--single-call", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "speed.csv")))
@@ -23,7 +23,7 @@ def test_speed_benchmark_smoke(tmp_path):
     assert {"sdpa", "nocore", "tomesd", "todo", "agent", "free-agent", "tome", "free-tome", "schedule"} <= variants
     assert all(float(r["ms"]) > 0 for r in rows if not r["error"])
     table = (tmp_path / "speed.md").read_text()
-    assert "| eager | tiny-sd15 | 0.4 |" in table and "Whole generations" in table
+    assert "| eager | tiny-sd15 | 0.4 |" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke configuration")
@@ -38,7 +38,7 @@ def test_compiled_variants_take_turns_without_recompiling(monkeypatch):
     """Each compiled variant patches and compiles its own copy of the UNet, so that the variants can take
     turns (host noise then hits all alike) without a recompile at any turn."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import speed_benchmark as bench
+    import unet_call_benchmark as bench
 
     import agentsd
     from agentsd.models import unet_from_config
@@ -72,7 +72,7 @@ def test_compiled_variants_take_turns_without_recompiling(monkeypatch):
 def test_free_plans_and_no_merge_run_the_lean_forward(monkeypatch):
     """The free plans' blocks run lean_forward as the stages' do, and no-merge is the baseline's math."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import speed_benchmark as bench
+    import unet_call_benchmark as bench
 
     from agentsd.models import unet_from_config
 
@@ -97,7 +97,7 @@ def test_eager_speedups_pair_each_round_with_its_sdpa_turn(monkeypatch):
     """A host that slows down between rounds (here 3x in the second and third) must not show as a
     slower variant: each round's variant is compared with that round's SDPA."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import speed_benchmark as bench
+    import unet_call_benchmark as bench
 
     turns = {"sdpa": [10.0, 10.0, 30.0], "agent": [11.0, 33.0, 33.0], "tome": [8.0, 24.0, 24.0],
              "free-agent": [10.0, 30.0, 30.0]}  # fmt: skip
@@ -108,5 +108,5 @@ def test_eager_speedups_pair_each_round_with_its_sdpa_turn(monkeypatch):
     rows = bench.result_rows("sd15-512", "eager", 0.4, times, {}, speedups)
     schedule = next(r for r in rows if r["variant"] == "schedule")
     assert schedule["speedup"] == pytest.approx(1 / (0.4 * 11 / 10 + 0.6 * 8 / 10))
-    table = bench.markdown("test", rows, [], [])
+    table = bench.markdown("test", rows, [])
     assert "(0.91x, 91% of free)" in table  # the agent stage, and against its free plan (1.00x)
