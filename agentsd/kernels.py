@@ -21,9 +21,8 @@ phase is as few launches as its data flow allows):
   A second launch divides by the counts and leaves the sums zero for the plan's next merge;
 - unmerge: every token the row of its slot, plus the block's residual where lean_forward asks.
 
-A phase records its launches the first time it runs for a shape and replays them afterwards with
-the addresses of the call's tensors (_run). Under torch.compile each phase runs as a custom op
-(`torch.ops.agentsd.plan`, `.merge`, `.unmerge`).
+Kernels launch through Triton's public API (`kernel[grid](...)`). Under torch.compile each phase
+runs as a custom op (`torch.ops.agentsd.plan`, `.merge`, `.unmerge`).
 """
 
 import functools
@@ -799,15 +798,9 @@ def _plan(x, width, sy, sx, downsample, key, seed, timestep, num_merged, num_age
     layout = _layout(shape, x.device)
     workspace = torch.empty(layout.size, dtype=torch.uint8, device=x.device)
     mode = 2 if key is not None else 1 if timestep is not None else 0
-    bases = (x, workspace) if mode != 1 else (x, workspace, timestep)
-    recipe = ("plan", shape, x.stride(), x.data_ptr() % 16 == 0, x.get_device(), downsample, seed)
-    if mode == 1:
-        recipe += (timestep.dtype, timestep.data_ptr() % 16 == 0)
-    elif mode == 2:
-        recipe = None  # the key is an argument, and changes from call to call
     if layout.resident is None and x.stride(-1) != 1:
-        x, recipe = x.contiguous(), None  # the looped matching reads its rows again for every destination tile
-    _run(recipe, bases, lambda: _plan_launches(x, workspace, shape, layout, downsample, mode, key, seed, timestep))
+        x = x.contiguous()  # the looped matching reads its rows again for every destination tile
+    _plan_launches(x, workspace, shape, layout, downsample, mode, key, seed, timestep)
     return (workspace,)
 
 
@@ -817,8 +810,7 @@ def _plan_launches(x, workspace, shape: PlanShape, layout: Layout, downsample, m
     cell, sums, counters = parts["token_cell"], parts["sums"], parts["counters"]
     rest = max(n_tokens - shape.num_dst * shape.sy * shape.sx, counters.shape[1])
     block_d = 8  # cells per program: enough programs to zero the sums (2.6 MB per block at 512px, agent stage)
-    _launch(
-        _prologue_kernel, (_cdiv(shape.num_dst, block_d) + _cdiv(rest, _TOKEN_BLOCK), batch),
+    _prologue_kernel[(_cdiv(shape.num_dst, block_d) + _cdiv(rest, _TOKEN_BLOCK), batch)](
         x, timestep if mode == 1 else cell, seed & 0xFFFFFFFF, key if mode == 2 else 0,
         cell, parts["dst_index"], parts["dst_unit"], parts["score"], parts["best"], sums,
         counters, n_tokens, channels, shape.width, downsample, sums.shape[-1], counters.shape[1], *x.stride(),
@@ -859,8 +851,7 @@ def _matching(x, parts: dict, shape: PlanShape, layout: Layout) -> bool:
     _launch_matching(_best_destination_kernel, grid, x, num_dst, *args, channels, shape.width, *x.stride()[:2],
                      *dst_strides, layout.d_per_split, **flags, BLOCK_C=min(64, max(16, _next_power_of_2(channels))))  # fmt: skip
     if splits > 1:
-        _launch(
-            _combine_splits_kernel, (_cdiv(n_tokens - num_dst, _TOKEN_BLOCK), batch),
+        _combine_splits_kernel[(_cdiv(n_tokens - num_dst, _TOKEN_BLOCK), batch)](
             score, best, parts["dst_index"], parts["score"], parts["best"], n_tokens, num_dst, shape.width, splits,
             SY=shape.sy, SX=shape.sx, BLOCK=_TOKEN_BLOCK,
         )  # fmt: skip
@@ -876,8 +867,7 @@ def _selection(parts: dict, shape: PlanShape, layout: Layout) -> None:
     agent_slot = parts.get("agent_slot", slot)
     counts = (shape.num_merged, shape.num_agent_merged or 0)
     if not layout.radix_programs:
-        _launch(
-            _one_program_slots_kernel, (batch,),
+        _one_program_slots_kernel[(batch,)](
             score, best, cell, slot, agent_slot, n_tokens, shape.num_dst, *counts,
             HAS_AGENTS=has_agents, BLOCK=_next_power_of_2(n_tokens), num_warps=8,
         )  # fmt: skip
@@ -885,13 +875,11 @@ def _selection(parts: dict, shape: PlanShape, layout: Layout) -> None:
     programs, threshold, below = layout.radix_programs, parts["threshold"], parts["below"]
     hist, done = parts["counters"].view(-1).split([batch * 5 * 2048, batch * 3])
     for radix_pass in range(3):
-        _launch(
-            _histogram_kernel, (programs, batch),
+        _histogram_kernel[(programs, batch)](
             score, hist, done, threshold, n_tokens, *counts, PASS=radix_pass, HAS_AGENTS=has_agents, BLOCK=_TOKEN_BLOCK,
         )  # fmt: skip
-    _launch(_below_counts_kernel, (programs, batch), score, cell, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=_TOKEN_BLOCK)
-    _launch(
-        _slots_kernel, (programs, batch),
+    _below_counts_kernel[(programs, batch)](score, cell, threshold, below, n_tokens, HAS_AGENTS=has_agents, BLOCK=_TOKEN_BLOCK)
+    _slots_kernel[(programs, batch)](
         score, best, cell, threshold, below, slot, agent_slot, n_tokens, shape.num_dst,
         HAS_AGENTS=has_agents, BLOCK=_TOKEN_BLOCK, MAX_PROGRAMS=_next_power_of_2(programs),
     )  # fmt: skip
@@ -913,10 +901,9 @@ def _merge(x, workspace, num_tokens, channels, dtype, width, sy, sx, num_merged,
     num_agents = num_tokens - num_agent_merged if with_agents else None
     merged = torch.empty(batch, num_slots, channels, device=x.device, dtype=x.dtype)
     agents = torch.empty(batch, num_agents, channels, device=x.device, dtype=x.dtype) if with_agents else merged
-    recipe = ("merge", shape, with_agents, x.stride(), x.dtype, x.data_ptr() % 16 == 0, x.get_device())
     if x.stride(-1) != 1:
-        x, recipe = x.contiguous(), None
-    _run(recipe, (x, workspace, merged, agents), lambda: _merge_launches(x, workspace, shape, layout, merged, agents, with_agents))
+        x = x.contiguous()
+    _merge_launches(x, workspace, shape, layout, merged, agents, with_agents)
     return merged, (agents if with_agents else None)
 
 
@@ -926,8 +913,7 @@ def _merge_launches(x, workspace, shape: PlanShape, layout: Layout, merged, agen
     sums, num_dst = parts["sums"], shape.num_dst
     slot = parts["slot"]
     block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
-    _launch(
-        _scatter_kernel, (_cdiv(n_tokens, block_t), _cdiv(channels, block_c), batch),
+    _scatter_kernel[(_cdiv(n_tokens, block_t), _cdiv(channels, block_c), batch)](
         x, slot, parts["agent_slot"] if with_agents else slot, parts["token_cell"], merged, agents, sums,
         n_tokens, channels, num_dst, merged.shape[1], agents.shape[1], sums.shape[-1], x.stride(0), x.stride(1),
         HAS_AGENTS=with_agents, SCALE=_FIXED_POINT, BLOCK_T=block_t, BLOCK_C=block_c,
@@ -935,8 +921,7 @@ def _merge_launches(x, workspace, shape: PlanShape, layout: Layout, merged, agen
     # 4 destinations per program: enough programs for the few destinations of the agent stage (256 at
     # 4096 tokens): merge 45 -> 40 us at SDXL 1024px level 2, ToMe stage 26 -> 20 us (16 before; H100)
     block_d = 4
-    _launch(
-        _destination_mean_kernel, (_cdiv(num_dst, block_d), batch),
+    _destination_mean_kernel[(_cdiv(num_dst, block_d), batch)](
         x, parts["dst_index"], sums, merged, agents, num_dst, channels, merged.shape[1], agents.shape[1], sums.shape[-1],
         x.stride(0), x.stride(1), HAS_AGENTS=with_agents, SCALE=_FIXED_POINT, BLOCK_D=block_d, BLOCK_C=block_c,
     )  # fmt: skip
@@ -948,147 +933,14 @@ def _unmerge(y, workspace, residual, num_tokens, channels, dtype, width, sy, sx,
     batch, _, out_channels = y.shape
     out = torch.empty(batch, num_tokens, out_channels, device=y.device, dtype=y.dtype)
     block_t, block_c = (32, 64) if not INTERPRET else (16, 16)
-    recipe = ("unmerge", shape, y.shape, y.stride(), y.dtype, y.data_ptr() % 16 == 0, y.get_device())
-    bases = (y, workspace, out)
-    if residual is not None:
-        if residual.shape != out.shape or residual.dtype != y.dtype:
-            raise ValueError(f"unmerge: a residual of {tuple(residual.shape)} {residual.dtype} for an output of {tuple(out.shape)} {y.dtype}")
-        recipe += (residual.stride(), residual.data_ptr() % 16 == 0)
-        bases += (residual,)
-
-    def launches():
-        slot = _views(workspace, layout)["slot"]
-        _launch(
-            _unmerge_kernel, (_cdiv(num_tokens, block_t), _cdiv(out_channels, block_c), batch),
-            y, slot, out if residual is None else residual, out, num_tokens, out_channels, *y.stride(),
-            *(out if residual is None else residual).stride(), RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_C=block_c,
-        )  # fmt: skip
-
-    _run(recipe, bases, launches)
+    if residual is not None and (residual.shape != out.shape or residual.dtype != y.dtype):
+        raise ValueError(f"unmerge: a residual of {tuple(residual.shape)} {residual.dtype} for an output of {tuple(out.shape)} {y.dtype}")
+    added = out if residual is None else residual  # read only with a residual
+    _unmerge_kernel[(_cdiv(num_tokens, block_t), _cdiv(out_channels, block_c), batch)](
+        y, _views(workspace, layout)["slot"], added, out, num_tokens, out_channels, *y.stride(), *added.stride(),
+        RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_C=block_c,
+    )  # fmt: skip
     return (out,)
-
-
-_launchers = {}  # specialization key (_launch) -> launch(grid, args) through Triton's compiled kernel
-# From Triton 3.3 on, a compiled kernel's launcher takes the constexprs too (3.0-3.2 drop them from
-# its arguments): _launch calls it that way only there.
-_DIRECT_LAUNCH = triton is not None and tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 3) and os.environ.get("AGENTSD_DIRECT_LAUNCH", "1") != "0"
-_recipes = {}  # (phase, what its launches depend on) -> the launches it recorded (_run)
-_recording = None  # while a phase records its launches: the list they go to
-
-
-def _run(recipe, bases: tuple, launches) -> None:
-    """launches(): the kernels of one phase (plan, merge, unmerge) on tensors that all lie inside
-    `bases`. The first run under a `recipe` key records each launch with its tensors as (base,
-    offset); later runs replay those launches with the bases' addresses of now, without binding
-    arguments or making views (one phase of an eager block at 512px is bound by the host). The key
-    holds everything else the launches depend on; None: run without recording."""
-    global _recording
-    if recipe is None or INTERPRET or not _DIRECT_LAUNCH:
-        launches()
-        return
-    steps = _recipes.get(recipe)
-    if steps is not None:
-        addresses = [t.data_ptr() for t in bases]
-        for launcher, grid, values, tensors in steps:
-            values = values.copy()
-            for position, base, offset in tensors:
-                values[position] = addresses[base] + offset
-            launcher(grid, values)
-        return
-    _recording = []
-    try:
-        launches()
-        recorded = _recording
-    finally:
-        _recording = None
-    _recipes[recipe] = _as_steps(recorded, bases)
-
-
-def _as_steps(recorded: list, bases: tuple) -> list:
-    """Recorded launches with each tensor address as (index of the base it lies in, offset)."""
-    spans = [(t.data_ptr(), t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()) for t in bases]
-    steps = []
-    for launcher, grid, values, positions in recorded:
-        tensors = []
-        for position in positions:
-            address = values[position]
-            base = next((i for i, (start, size) in enumerate(spans) if start <= address < start + max(size, 1)), None)
-            if base is None:
-                raise RuntimeError("agentsd: a kernel of a recorded phase reads a tensor outside its bases")
-            tensors.append((position, base, address - spans[base][0]))
-        steps.append((launcher, grid, values, tensors))
-    return steps
-
-
-def _launch(fn, grid, *args, **kwargs):
-    """fn[grid](*args, **kwargs) for a jit function whose arguments after `args` are all in kwargs.
-
-    Triton binds and specializes every argument again at each launch: 83 us per launch inside an
-    eager SD 1.5 512px UNet call on an H100 host, which is bound by the host there. A launch whose
-    specialization was seen before goes through the compiled kernel's launcher instead (27 us through
-    `compiled[grid]`, scripts/results/2026-11-24-h100/launch_cost.md), with tensors passed as their
-    addresses (the launcher then skips a driver query per pointer; launch_direct.md). The key holds
-    the device and what Triton specializes on: constexprs and options, each tensor's dtype and
-    16-byte alignment, each int's being 1, a multiple of 16 or beyond 32 bits. While a phase records
-    (_run), each launch goes to its list.
-    """
-    if INTERPRET or not _DIRECT_LAUNCH:
-        fn[grid](*args, **kwargs)
-        return
-    device = torch._C._cuda_getDevice()
-    key, values = _launch_key(fn, device, args, kwargs)
-    launcher = _launchers.get(key)
-    grid3 = (*grid, 1, 1)[:3]  # the launcher wants 3 dims
-    if launcher is None:
-        compiled = fn[grid](*args, **kwargs)
-        launcher = _launchers[key] = _direct_launcher(compiled, device, [kwargs[name] for name in fn.arg_names[len(args):]])
-    else:
-        launcher(grid3, values)
-    if _recording is not None:
-        _recording.append((launcher, grid3, values, [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]))
-
-
-def _launch_key(fn, device: int, args: tuple, kwargs: dict) -> tuple[tuple, list]:
-    """(the specialization key of a launch, its arguments with tensors as their addresses)."""
-    values, key = [], [fn, device, *kwargs.items()]
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            address = arg.data_ptr()
-            values.append(address)
-            key.append((arg.dtype, address % 16 == 0))
-        else:
-            values.append(arg)
-            key.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31) if type(arg) is int else type(arg))
-    return tuple(key), values
-
-
-def _direct_launcher(compiled, device: int, constexprs: list):
-    """launch(grid, args): `compiled[grid](*args, *constexprs)` on the current stream of `device`
-    (the current device). Where no profiler listens to launches (Triton's launch hooks, e.g.
-    Proton), it calls the launcher itself: Triton's runner would look up the device and stream,
-    build launch metadata and call two empty hook chains at every launch."""
-
-    def launch(grid, args):
-        if _launch_hooks_idle():
-            run(*grid, torch._C._cuda_getCurrentRawStream(device), function, metadata, None, None, None, *args, *constexprs)
-        else:
-            compiled[grid](*args, *constexprs)
-
-    compiled._init_handles()
-    run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
-    return launch
-
-
-# Triton's runtime settings; before Triton 3.4 launch hooks were class attributes of CompiledKernel
-_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
-
-
-def _launch_hooks_idle() -> bool:
-    """Whether no launch hook is set (unknown before Triton 3.4: then not idle)."""
-    if _RUNTIME_KNOBS is None:
-        return False
-    hooks = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
-    return all(hook is None or not getattr(hook, "calls", True) for hook in hooks)
 
 
 def _resident_split(channels: int, dtype: torch.dtype, device) -> tuple[int, int, int] | None:
@@ -1161,12 +1013,12 @@ def _autotune(tuned, grid, args, meta):
 
 
 def _launch_matching(tuned, grid, x, num_dst: int, *args, config=None, **meta):
-    """Launch a matching kernel (autotune over heuristics over jit) through _launch with its config
+    """Launch a matching kernel (autotune over heuristics over jit) as its jit function with its config
     (by default _matching_config's): the autotuner's and the heuristic's Python cost an eager block
     at 512px (bound by the host) about 80 us under cProfile on an H100 host."""
     config = config or _matching_config(tuned, grid, x, num_dst, *args, **meta)
     even_d = num_dst % config.kwargs["BLOCK_D"] == 0
-    _launch(tuned.fn.fn, grid(config.kwargs), *args, **meta, **config.all_kwargs(), EVEN_D=even_d)
+    tuned.fn.fn[grid(config.kwargs)](*args, **meta, **config.all_kwargs(), EVEN_D=even_d)
 
 
 # Up to this many tokens (SD 512px, SDXL 1024px) one program per batch row selects and assigns the

@@ -26,10 +26,9 @@ def graph_us(fn, inner=10, reps=20):
 
 
 def selection_up_to(max_tokens: int) -> None:
-    """Plans from now on select in one program up to `max_tokens` tokens (layouts and recorded launches anew)."""
+    """Plans from now on select in one program up to `max_tokens` tokens (layouts anew)."""
     kernels.ONE_PROGRAM_MAX_TOKENS = max_tokens
     kernels._layout.cache_clear()
-    kernels._recipes.clear()
 
 
 def main(argv=None):
