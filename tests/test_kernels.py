@@ -35,9 +35,9 @@ def kernel_plan(x, dst, num_merged=None, num_agent_merged=None, grid=merge.Grid(
 @pytest.fixture
 def fresh_layouts():
     """Layouts made again (tests that patch what they depend on)."""
-    kernels._layout.cache_clear()
+    kernels.layout.layout_for.cache_clear()
     yield
-    kernels._layout.cache_clear()
+    kernels.layout.layout_for.cache_clear()
 
 
 @pytest.mark.parametrize("seed", [None, 3])
@@ -90,7 +90,7 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
     unit_dst = parts["dst_unit"].float()
     torch.testing.assert_close(unit_dst, unit[:, dst.index], rtol=tolerance, atol=tolerance)
     # the first launch of a shape autotunes; a later one launches the config found directly
-    assert any(key[1:] == (x.shape[1], dst.index.numel(), channels, dtype) for key in kernels._matching_configs_found)
+    assert any(key[1:] == (x.shape[1], dst.index.numel(), channels, dtype) for key in kernels.matching._matching_configs_found)
     again = kernel_plan(x, dst, *counts, grid=grid).parts()
     assert torch.equal(again["score"], k_score) and torch.equal(again["best"], parts["best"])
     assert torch.equal(again["slot"], parts["slot"]) and not again["counters"].any()
@@ -119,7 +119,7 @@ if kernels.triton is None:
 elif kernels.INTERPRET:
     RESIDENT_CONFIGS = [kernels.triton.Config({"BLOCK_M": 16, "BLOCK_D": 16, "SHARED_ROWS": shared}) for shared in (False, True)]
 else:
-    RESIDENT_CONFIGS = kernels._best_destination_resident_kernel.configs
+    RESIDENT_CONFIGS = kernels.matching_kernels._best_destination_resident_kernel.configs
 
 
 @pytest.mark.parametrize("config", RESIDENT_CONFIGS, ids=str)
@@ -131,8 +131,8 @@ def test_every_resident_config(torch_path, monkeypatch, config):
     x = (x * torch.linspace(0.1, 30, x.shape[1], device=DEVICE)[:, None].half()).transpose(1, 2).contiguous().transpose(1, 2)
     tied = x.clone()
     tied[:, dst.index] = tied[:, :1]  # every source ties across all destinations
-    key = (kernels._best_destination_resident_kernel, x.shape[1], dst.index.numel(), 272, torch.float16)
-    monkeypatch.setitem(kernels._matching_configs_found, key, config)
+    key = (kernels.matching_kernels._best_destination_resident_kernel, x.shape[1], dst.index.numel(), 272, torch.float16)
+    monkeypatch.setitem(kernels.matching._matching_configs_found, key, config)
     for metric in (x, tied):
         score, best = merge.best_destination(metric, dst)
         parts = kernel_plan(metric, dst, grid=grid).parts()
@@ -155,10 +155,10 @@ def test_looped_matching_split_over_destinations(torch_path, monkeypatch, fresh_
     x, dst = inputs(torch.float16, grid=grid, stride=cell, channels=40)
     if tied:
         x[:, dst.index] = x[:, :1]
-    monkeypatch.setattr(kernels, "_destination_splits", lambda *args: 1)
+    monkeypatch.setattr(kernels.layout, "_destination_splits", lambda *args: 1)
     whole = kernel_plan(x, dst, grid=grid).parts()
-    kernels._layout.cache_clear()
-    monkeypatch.setattr(kernels, "_destination_splits", lambda *args: 2)  # 32 destinations: 16 + 16; 1024: 512 + 512
+    kernels.layout.layout_for.cache_clear()
+    monkeypatch.setattr(kernels.layout, "_destination_splits", lambda *args: 2)  # 32 destinations: 16 + 16; 1024: 512 + 512
     split = kernel_plan(x, dst, grid=grid).parts()
     # each split's programs matched against their half of the destinations, and a launch combined the parts
     sources, half = ~dst.is_dst, dst.index.numel() // 2
@@ -176,7 +176,7 @@ def test_looped_matching_split_over_destinations(torch_path, monkeypatch, fresh_
 @pytest.mark.parametrize("one_program", [True, False], ids=["one-program", "radix-launches"])
 def test_assign_slots(torch_path, monkeypatch, fresh_layouts, merged, agents, ties, one_program):
     """The selection kernels on given scores (written into a plan's workspace) against merge.assign_slots."""
-    monkeypatch.setattr(kernels, "ONE_PROGRAM_MAX_TOKENS", 10**9 if one_program else 0)
+    monkeypatch.setattr(kernels.layout, "ONE_PROGRAM_MAX_TOKENS", 10**9 if one_program else 0)
     x, dst = inputs(torch.float32)
     plan = kernel_plan(x, dst, merged, agents)
     parts = plan.parts()
@@ -189,7 +189,7 @@ def test_assign_slots(torch_path, monkeypatch, fresh_layouts, merged, agents, ti
     parts["score"].copy_(score)
     parts["best"].copy_(best)
     parts["counters"].zero_()  # as the prologue leaves them for the plan's one selection
-    kernels._selection(parts, plan.shape, kernels._layout(plan.shape, x.device))
+    kernels.selection.select(parts, plan.shape, kernels.layout.layout_for(plan.shape, x.device))
     expected = merge.assign_slots(score, best, dst, merged, agents)
     assert torch.equal(parts["slot"].long(), expected[0])
     assert ("agent_slot" in parts) == (agents is not None)
@@ -246,30 +246,30 @@ def test_launchers_run_on_the_device_of_their_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
     seen = []
     probe = lambda x, n=0: seen.append((current[0], x, n)) or "out"  # noqa: E731
-    assert kernels._run_on(1, probe, ("x",), dict(n=3)) == "out"
+    assert kernels.launch.run_on(1, probe, ("x",), dict(n=3)) == "out"
     assert seen == [(1, "x", 3)] and current == [0]
-    kernels._run_on(0, probe, ("y",), {})
-    kernels._run_on(-1, probe, ("z",), {})
+    kernels.launch.run_on(0, probe, ("y",), {})
+    kernels.launch.run_on(-1, probe, ("z",), {})
     assert seen[1:] == [(0, "y", 0), (0, "z", 0)]
-    assert kernels._device_index(torch.zeros(1)) == -1  # the CPU
-    assert kernels._device_index(torch.device("cuda", 1)) == 1
-    assert kernels._device_index("cuda") == -1  # the current device
-    assert kernels._device_index(torch.device("cpu")) == -1
+    assert kernels.launch.device_index(torch.zeros(1)) == -1  # the CPU
+    assert kernels.launch.device_index(torch.device("cuda", 1)) == 1
+    assert kernels.launch.device_index("cuda") == -1  # the current device
+    assert kernels.launch.device_index(torch.device("cpu")) == -1
 
 
 def test_resident_rows_only_where_they_fit(monkeypatch):
     """The resident kernel needs a program's rows in registers and two stages of destination tiles
     in shared memory."""
-    monkeypatch.setattr(kernels, "INTERPRET", False)
-    monkeypatch.setattr(kernels, "_shared_memory", lambda device: 227 * 1024)  # H100
-    split = lambda channels, dtype=torch.float16: kernels._resident_split(channels, dtype, "cuda")  # noqa: E731
+    monkeypatch.setattr(kernels.layout, "INTERPRET", False)
+    monkeypatch.setattr(kernels.layout, "_shared_memory", lambda device: 227 * 1024)  # H100
+    split = lambda channels, dtype=torch.float16: kernels.layout._resident_split(channels, dtype, "cuda")  # noqa: E731
     assert split(320) == (128, 128, 64)
     assert split(192) == (128, 0, 64)
     assert split(320, torch.float32) is None  # twice the registers
     assert split(40) is None  # 32 + 8: a tile under 16
-    monkeypatch.setattr(kernels, "_shared_memory", lambda device: 99 * 1024)  # consumer GPUs
+    monkeypatch.setattr(kernels.layout, "_shared_memory", lambda device: 99 * 1024)  # consumer GPUs
     assert split(320) == (128, 128, 64)
-    monkeypatch.setattr(kernels, "_shared_memory", lambda device: 64 * 1024)
+    monkeypatch.setattr(kernels.layout, "_shared_memory", lambda device: 64 * 1024)
     assert split(320) is None
 
 
