@@ -59,14 +59,31 @@ def test_destinations(torch_path, seed, timestep):
         assert torch.equal(parts["token_cell"].clamp(min=0).long(), expected.slot)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-# resident: 48 = 32 + 16 and, in fp16, 272 = 128 + 128 + 16 stay in registers; 40 = 32 + 8 loops
-@pytest.mark.parametrize("channels", [48, 272, 40], ids=["resident", "resident-3-parts", "looped"])
-@pytest.mark.parametrize(  # 30 destinations, and 32 (whole tiles of 16) with tokens right of and below the cells
-    "grid, cell", [(merge.Grid(2, 12, 20), (2, 4)), (merge.Grid(1, 17, 34), (4, 4))], ids=["whole-cells", "cells-and-rest"]
+# 8 x 32 tokens in 2 x 4 cells: 32 destinations, two whole tiles of 16 (EVEN_D)
+WHOLE_CELLS = merge.Grid(2, 8, 32), (2, 4)
+# 13 x 26 tokens in the agent stage's 4 x 4 cells: 18 destinations, the second tile mostly past them
+# (EVEN_D false), and tokens right of the cells (two columns) and below them
+CELLS_AND_REST = merge.Grid(1, 13, 26), (4, 4)
+
+
+@pytest.mark.parametrize(
+    "dtype, channels, grid_cell, channels_last",
+    # Every kernel with each dtype it runs in, each grid and each memory layout: channels-last as SD
+    # 1.x block inputs come (stride(-1) = N), which the resident kernel reads in place and the looped
+    # one copies. 48 = 32 + 16 and, in fp16, 272 = 128 + 128 + 16 stay in registers (the resident
+    # kernel); 40 = 32 + 8 (a part under 16) and 272 in fp32 (too many registers) take the looped one.
+    [
+        (torch.float32, 48, WHOLE_CELLS, False),  # resident, IEEE products
+        (torch.float16, 48, CELLS_AND_REST, True),  # resident
+        (torch.float16, 272, WHOLE_CELLS, True),  # resident in three parts (the other grid: test_every_resident_config)
+        (torch.float32, 272, CELLS_AND_REST, True),  # looped over five channel blocks, IEEE products
+        (torch.float16, 40, WHOLE_CELLS, False),  # looped
+    ],
+    ids=["resident-fp32", "resident-fp16-rest-channels-last", "resident-3-parts-channels-last",
+         "looped-fp32-rest-channels-last", "looped-fp16"],  # fmt: skip
 )
-@pytest.mark.parametrize("channels_last", [False, True])  # SD 1.x block inputs: stride(-1) = N
-def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last):
+def test_best_destination(torch_path, dtype, channels, grid_cell, channels_last):
+    grid, cell = grid_cell
     x, dst = inputs(dtype, grid=grid, stride=cell, channels=channels)
     x = x * torch.linspace(0.1, 30, x.shape[1], device=DEVICE)[:, None].to(dtype)  # norms far from 1
     if channels_last:
@@ -100,8 +117,8 @@ def test_best_destination(torch_path, dtype, channels, grid, cell, channels_last
 def test_best_destination_ties_go_to_the_lower_index(torch_path, channels):
     """Every destination the same vector: each source ties across all of them, in every tile and
     accumulator slot, and must take destination 0, as torch's max does."""
-    grid = merge.Grid(1, 17, 34)
-    x, dst = inputs(torch.float16, grid=grid, stride=(4, 4), channels=channels)
+    grid, cell = CELLS_AND_REST
+    x, dst = inputs(torch.float16, grid=grid, stride=cell, channels=channels)
     x[:, dst.index] = x[:, :1]
     score, best = merge.best_destination(x, dst)
     parts = kernel_plan(x, dst, grid=grid).parts()
@@ -126,7 +143,7 @@ else:
 def test_every_resident_config(torch_path, monkeypatch, config):
     """Scores and indices as the reference's, and ties to the lower index, whichever candidate the
     autotuner picks on a GPU."""
-    grid, cell = merge.Grid(1, 17, 34), (4, 4)
+    grid, cell = CELLS_AND_REST
     x, dst = inputs(torch.float16, grid=grid, stride=cell, channels=272)  # 128 + 128 + 16
     x = (x * torch.linspace(0.1, 30, x.shape[1], device=DEVICE)[:, None].half()).transpose(1, 2).contiguous().transpose(1, 2)
     tied = x.clone()
@@ -151,7 +168,7 @@ def test_looped_matching_split_over_destinations(torch_path, monkeypatch, fresh_
     """With the destinations split across programs (few rows, e.g. SDXL 1024px) the results are the
     unsplit kernel's, ties to the lower index included."""
     # 40 channels: the looped kernel; two splits of whole tiles (16 in the interpreter, up to 256 on a GPU)
-    grid, cell = (merge.Grid(1, 17, 34), (4, 4)) if kernels.INTERPRET else (merge.Grid(1, 64, 64), (2, 2))
+    grid, cell = WHOLE_CELLS if kernels.INTERPRET else (merge.Grid(1, 64, 64), (2, 2))
     x, dst = inputs(torch.float16, grid=grid, stride=cell, channels=40)
     if tied:
         x[:, dst.index] = x[:, :1]
@@ -171,25 +188,30 @@ def test_looped_matching_split_over_destinations(torch_path, monkeypatch, fresh_
         assert (split["best"][:, ~dst.is_dst] == 0).all()
 
 
-@pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210), (1, 1)])  # 210: every source
+# t and t_a: with agents or not; 210: every source; 1: the top score alone
+@pytest.mark.parametrize("merged, agents", [(90, None), (90, 200), (210, None), (90, 210), (1, 1)])
 @pytest.mark.parametrize("ties", [False, True])
+# 240 tokens: one program per batch row, or four radix programs per row (64 tokens each, the last
+# one partly past them)
 @pytest.mark.parametrize("one_program", [True, False], ids=["one-program", "radix-launches"])
 def test_assign_slots(torch_path, monkeypatch, fresh_layouts, merged, agents, ties, one_program):
-    """The selection kernels on given scores (written into a plan's workspace) against merge.assign_slots."""
+    """The selection kernels on given scores, written into a workspace as the prologue and the
+    matching leave it, against merge.assign_slots."""
     monkeypatch.setattr(kernels.layout, "ONE_PROGRAM_MAX_TOKENS", 10**9 if one_program else 0)
     x, dst = inputs(torch.float32)
-    plan = kernel_plan(x, dst, merged, agents)
-    parts = plan.parts()
+    shape = kernels.PlanShape(*x.shape, x.dtype, dst.width, *dst.cell, merged, agents)
+    layout = kernels.layout.layout_for(shape, x.device)
+    parts = kernels.layout.views(torch.zeros(layout.size, dtype=torch.uint8, device=DEVICE), layout)  # counters zero
     score, best = merge.best_destination(x, dst)
     if ties:  # a few distinct values: ranks among equal scores follow the token index
         score = torch.where(torch.isinf(score), score, (score * 4).round() / 4 - 1)
         assert score[0].unique().numel() < 10
     assert dst.index.numel() == 30
     assert (parts["counters"].shape[1] > 1) != one_program  # the radix passes' histograms
+    parts["token_cell"].copy_(torch.where(dst.is_dst, dst.slot, -1))
     parts["score"].copy_(score)
     parts["best"].copy_(best)
-    parts["counters"].zero_()  # as the prologue leaves them for the plan's one selection
-    kernels.selection.select(parts, plan.shape, kernels.layout.layout_for(plan.shape, x.device))
+    kernels.selection.select(parts, shape, layout)
     expected = merge.assign_slots(score, best, dst, merged, agents)
     assert torch.equal(parts["slot"].long(), expected[0])
     assert ("agent_slot" in parts) == (agents is not None)
@@ -277,12 +299,13 @@ def test_resident_rows_only_where_they_fit(monkeypatch):
 def test_custom_ops_agree_with_their_fakes(torch_path, agents):
     """The ops that torch.compile records: schema, fake shapes and dtypes against the real results
     (a plan's workspace leaves the padding between its parts unwritten: no comparison of values)."""
-    x, dst = inputs(torch.float16)
+    grid = merge.Grid(1, 8, 8)  # small: the ops' schemas and shapes are under test here, not the kernels' branches
+    x, dst = inputs(torch.float16, grid=grid, stride=(2, 2), channels=16)
     ops = torch.ops.agentsd
-    num_agent_merged = 200 if agents else None
-    plan_args = (x, dst.width, *dst.cell, 2, None, 5, torch.tensor(981.0, device=DEVICE), 90, num_agent_merged)
+    num_agent_merged = 40 if agents else None
+    plan_args = (x, dst.width, *dst.cell, 2, None, 5, torch.tensor(981.0, device=DEVICE), 20, num_agent_merged)
     torch.library.opcheck(ops.plan, plan_args, test_utils=("test_schema", "test_faketensor"))
-    plan = kernel_plan(x, dst, 90, num_agent_merged)
+    plan = kernel_plan(x, dst, 20, num_agent_merged, grid=grid)
     shape = plan.shape[1:]
     torch.library.opcheck(ops.merge, (x, plan.workspace, *shape, agents))
     y = torch.randn(2, plan.num_slots, 24, device=DEVICE, dtype=torch.float16)
