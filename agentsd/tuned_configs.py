@@ -1,7 +1,7 @@
 """Kernel configs that autotuning chose, kept on disk, so that a new process at a size seen before
 does not tune again (tuning compiles and times every candidate: 10-20 s at a new size).
 
-One small JSON file per (GPU, kernel source, kernel, shape and dtype), in the user's cache folder
+One small JSON file per (GPU, kernels source, kernel, shape and dtype), in the user's cache folder
 (`AGENTSD_CACHE_DIR`, else `$XDG_CACHE_HOME/agentsd`, else `~/.cache/agentsd`). A file is written
 whole to a temporary name and renamed into place, so two processes that tune at once never leave a
 torn file: the last rename wins, and both chose a valid config. A folder that cannot be written only
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("kernels.py")
+_KERNELS = Path(__file__).with_name("kernels")  # the package whose source a config was tuned for
 
 
 def cache_dir() -> Path:
@@ -34,8 +34,16 @@ def _folder(device: torch.device, kernel: str) -> Path:
         gpu = f"{name}-sm{major}{minor}"
     else:  # Triton's interpreter
         gpu = "interpreter"
-    source = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    source = _source_hash()
     return cache_dir() / "kernel-configs" / _safe(gpu) / f"{kernel}-{source}"
+
+
+def _source_hash() -> str:
+    """Of the kernels package's files, sorted by name and concatenated: any change anywhere tunes anew."""
+    digest = hashlib.sha256()
+    for path in sorted(_KERNELS.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _file(device: torch.device, kernel: str, key: tuple) -> Path:

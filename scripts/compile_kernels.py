@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from agentsd import kernels as k
+from agentsd.kernels import matching_kernels, merging, planning, selection, unmerging
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {  # pointer element types, by argument name (fp16 metric and x)
@@ -53,22 +53,22 @@ def compile_for(fn, constexprs, options, label=""):
 
 
 for key in (0, 1, 2):
-    check(k._prologue_kernel, {"SY": 4, "SX": 4, "KEY": key, "CELL": 16, "BLOCK_D": 8, "BLOCK_C": 64, "BLOCK_REST": 1024})
+    check(planning._prologue_kernel, {"SY": 4, "SX": 4, "KEY": key, "CELL": 16, "BLOCK_D": 8, "BLOCK_C": 64, "BLOCK_REST": 1024})
 for agents in (False, True):
     for radix_pass in range(3):
-        check(k._histogram_kernel, {"PASS": radix_pass, "HAS_AGENTS": agents, "BLOCK": 1024})
-    check(k._below_counts_kernel, {"HAS_AGENTS": agents, "BLOCK": 1024})
-    check(k._slots_kernel, {"HAS_AGENTS": agents, "BLOCK": 1024, "MAX_PROGRAMS": 16})
-    check(k._one_program_slots_kernel, {"HAS_AGENTS": agents, "BLOCK": 4096}, num_warps=8)
-    check(k._scatter_kernel, {"HAS_AGENTS": agents, "SCALE": 2.0**24, "BLOCK_T": 32, "BLOCK_C": 64})
-    check(k._destination_mean_kernel, {"HAS_AGENTS": agents, "SCALE": 2.0**24, "BLOCK_D": 4, "BLOCK_C": 64})
+        check(selection._histogram_kernel, {"PASS": radix_pass, "HAS_AGENTS": agents, "BLOCK": 1024})
+    check(selection._below_counts_kernel, {"HAS_AGENTS": agents, "BLOCK": 1024})
+    check(selection._slots_kernel, {"HAS_AGENTS": agents, "BLOCK": 1024, "MAX_PROGRAMS": 16})
+    check(selection._one_program_slots_kernel, {"HAS_AGENTS": agents, "BLOCK": 4096}, num_warps=8)
+    check(merging._scatter_kernel, {"HAS_AGENTS": agents, "SCALE": 2.0**24, "BLOCK_T": 32, "BLOCK_C": 64})
+    check(merging._destination_mean_kernel, {"HAS_AGENTS": agents, "SCALE": 2.0**24, "BLOCK_D": 4, "BLOCK_C": 64})
 for residual in (False, True):
-    check(k._unmerge_kernel, {"RESIDUAL": residual, "BLOCK_T": 32, "BLOCK_C": 64})
+    check(unmerging._unmerge_kernel, {"RESIDUAL": residual, "BLOCK_T": 32, "BLOCK_C": 64})
 for even_d in (True, False):
     flags = {"SY": 2, "SX": 2, "IEEE": False, "EVEN_D": even_d}
     for select in (False, True):
-        check(k._best_destination_resident_kernel, {**flags, "C_A": 128, "C_B": 128, "C_REST": 64, "SELECT": select, "HAS_AGENTS": True,
-              "SELECT_BLOCK": 4096, "BLOCK_M": 128, "BLOCK_D": 64, "SHARED_ROWS": False}, num_warps=8)  # fmt: skip
-    check(k._best_destination_kernel, {**flags, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
-check(k._combine_splits_kernel, {"SY": 2, "SX": 2, "BLOCK": 1024})
+        check(matching_kernels._best_destination_resident_kernel, {**flags, "C_A": 128, "C_B": 128, "C_REST": 64, "SELECT": select,
+              "HAS_AGENTS": True, "SELECT_BLOCK": 4096, "BLOCK_M": 128, "BLOCK_D": 64, "SHARED_ROWS": False}, num_warps=8)  # fmt: skip
+    check(matching_kernels._best_destination_kernel, {**flags, "BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_C": 64})
+check(matching_kernels._combine_splits_kernel, {"SY": 2, "SX": 2, "BLOCK": 1024})
 sys.exit(1 if failures else 0)

@@ -22,11 +22,12 @@ from speed_benchmark import CONFIGS, STAGES, unet_inputs
 from timing import host_us
 
 if kernels.triton is not None:
+    tl = kernels.triton.language
 
     @kernels.triton.jit
-    def _empty_kernel(x_ptr, n, BLOCK: kernels.tl.constexpr):
-        p = kernels.tl.program_id(0) * BLOCK + kernels.tl.arange(0, BLOCK)
-        kernels.tl.store(x_ptr + p, 0.0, mask=p < n)
+    def _empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + p, 0.0, mask=p < n)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Time of each kernel phase of one block (its merge plan, merge and unmerge), at the shapes of SD 1.5
 level 1 (batch 2, 320 channels, fp16; agent stage sx=sy=4, ToMe stage sx=sy=2, ratio 0.4): GPU time
 inside a CUDA graph, and host time per eager call at 4096 tokens (where eager UNet calls are
-host-bound). The plan with the one-program selection (used up to kernels.ONE_PROGRAM_MAX_TOKENS) is
+host-bound). The plan with the one-program selection (used up to kernels.layout.ONE_PROGRAM_MAX_TOKENS) is
 timed up to 9216 tokens.
 
     python scripts/kernel_benchmark.py
@@ -26,10 +26,9 @@ def graph_us(fn, inner=10, reps=20):
 
 
 def selection_up_to(max_tokens: int) -> None:
-    """Plans from now on select in one program up to `max_tokens` tokens (layouts and recorded launches anew)."""
-    kernels.ONE_PROGRAM_MAX_TOKENS = max_tokens
-    kernels._layout.cache_clear()
-    kernels._recipes.clear()
+    """Plans from now on select in one program up to `max_tokens` tokens (layouts anew)."""
+    kernels.layout.ONE_PROGRAM_MAX_TOKENS = max_tokens
+    kernels.layout.layout_for.cache_clear()
 
 
 def main(argv=None):
@@ -38,7 +37,7 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=65536)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    default_max = kernels.ONE_PROGRAM_MAX_TOKENS
+    default_max = kernels.layout.ONE_PROGRAM_MAX_TOKENS
     timestep = torch.tensor(981.0, device="cuda")
     for n_tokens, cell, t, t_a in [shape for shape in SHAPES if shape[0] <= args.max_tokens]:
         side = int(n_tokens**0.5)

@@ -19,18 +19,18 @@ pytestmark = pytest.mark.skipif(kernels.triton is None, reason="triton is not in
 PROCESS = textwrap.dedent(
     """
     import sys, torch
-    from agentsd import kernels
+    from agentsd.kernels import matching, matching_kernels
     calls = []
 
     def fake_autotune(tuned, grid, args, meta):
         calls.append(tuned.fn.fn.__name__)
         return tuned.configs[-1]
 
-    kernels._autotune = fake_autotune
+    matching._autotune = fake_autotune
     height, width = map(int, sys.argv[1:3])
     x = torch.randn(2, height * width, 32)
-    for tuned in (kernels._best_destination_kernel, kernels._best_destination_resident_kernel):
-        assert kernels._matching_config(tuned, None, x, height * width // 4) is tuned.configs[-1]
+    for tuned in (matching_kernels._best_destination_kernel, matching_kernels._best_destination_resident_kernel):
+        assert matching._matching_config(tuned, None, x, height * width // 4) is tuned.configs[-1]
     print(len(calls))
     """
 )
@@ -61,3 +61,14 @@ def test_unwritable_cache_only_means_tuning_again(tmp_path, monkeypatch):
     monkeypatch.setenv("AGENTSD_CACHE_DIR", str(blocker))  # a file where a folder should be
     tuned_configs.store(kernels.torch.device("cpu"), "kernel", (1, 2), {"BLOCK_M": 1})
     assert tuned_configs.load(kernels.torch.device("cpu"), "kernel", (1, 2)) is None
+
+
+def test_configs_follow_every_file_of_the_kernels_package(tmp_path, monkeypatch):
+    """A change to any of the package's files puts its configs in another folder (tuned anew)."""
+    assert len(list(tuned_configs._KERNELS.glob("*.py"))) > 1
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text(name)
+    monkeypatch.setattr(tuned_configs, "_KERNELS", tmp_path)
+    first = tuned_configs._source_hash()
+    (tmp_path / "b.py").write_text("b changed")
+    assert tuned_configs._source_hash() != first
