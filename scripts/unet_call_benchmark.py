@@ -195,7 +195,7 @@ def result_rows(config, mode, ratio, times, errors, speedups=None):
 
 def paired_speedups(turns):
     """{variant: median over rounds of SDPA's turn time over the variant's}, from each round's median
-    per variant. The host's speed drifts by tens of percent within a run (scripts/results/2026-11-24-h100/
+    per variant. The host's speed drifts by tens of percent within a run (docs/results/2026-11-24-h100/
     lean_forward.md); a variant's turn sits seconds from SDPA's of the same round, so the drift
     between rounds cancels."""
     base = turns.get("sdpa")
@@ -220,7 +220,7 @@ def compiled_turns(unet, kind, names, ratio, inputs, reps, compile_mode=None, ba
     take `turns` turns. A compiled SD 1.5 1024 call is close to bound by the host, whose slow spells
     last several calls: timed one after another, a variant could meet a spell that the others missed
     (the agent stage at 0.84x in one run, 1.40x in the next on the same H100 host,
-    scripts/results/2026-11-24-h100/speed_compile_ded7c34.md). Patching the UNet anew for each turn
+    docs/results/2026-11-24-h100/speed_compile_ded7c34.md). Patching the UNet anew for each turn
     would recompile (new processors, new hooks), so each variant patches and compiles its own copy.
 
     A time is that of IN_A_ROW calls issued back to back, per call: in a denoising loop the host

@@ -78,7 +78,7 @@ class Layout(NamedTuple):
 # Up to this many tokens (SD 512px, SDXL 1024px) one program per batch row selects and assigns the
 # slots: one launch instead of the radix selection's five, and less GPU time too (H100, batch 2,
 # 4096 tokens, whole plans: 41.6 / 44.8 us against 54.4 / 54.5 us, agent / ToMe stage). At 9216 tokens
-# its plans take 1.8x / 2.3x the radix selection's (scripts/results/2026-11-24-h100/kernel_benchmark_fc7256c.txt).
+# its plans take 1.8x / 2.3x the radix selection's (docs/results/2026-11-24-h100/kernel_benchmark_fc7256c.txt).
 ONE_PROGRAM_MAX_TOKENS = 4096
 _HISTOGRAM = 5 * 2048 + 3  # int32 per batch row for the radix passes: B x 5 x 2048 histograms, then B x 3 done counters
 

@@ -183,7 +183,7 @@ if triton is not None:
         Registers: 1.11x against rows in shared memory at 128 rows (65536 tokens, 2x2 cells; 1.2-1.5x
         at 4096; matching_registers.md). SHARED_ROWS makes room for 256 rows per program (16 warps),
         which halves what each destination tile costs in L2 bandwidth: 1.19-1.22x from 16384 tokens
-        (bm256.md; both in scripts/results/2026-11-24-h100/).
+        (bm256.md; both in docs/results/2026-11-24-h100/).
 
         SELECT: the last program of a batch row to finish also selects that row's slots, as
         _one_program_slots_kernel does (one launch less per block where eager calls are bound by

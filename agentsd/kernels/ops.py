@@ -5,7 +5,7 @@ Triton's autotuner); eager calls run the phase directly, on the device of its te
 The ops are defined with torch.library.define / impl, not torch.library.custom_op, whose Python
 wrappers (autograd and checks at every call, pytorch/pytorch#139500) cost a compiled call in the
 default mode, bound by the host, 60-90 us of host time per op (SDXL 1024 on an H100 host,
-scripts/results/2026-11-24-h100/custom_op_ab.txt)."""
+docs/results/2026-11-24-h100/custom_op_ab.txt)."""
 
 import functools
 import inspect

@@ -102,7 +102,7 @@ if triton is not None:
 
         The t-th largest key is found 4 bits at a time (8 histograms of 16 bins per target): 17 us per
         agent-stage plan at 4096 tokens on an H100, against 34 us bit by bit (32 block-wide counts)
-        and 30 us with 8-bit digits (scripts/results/2026-11-24-h100/selection_digits.md). A warp
+        and 30 us with 8-bit digits (docs/results/2026-11-24-h100/selection_digits.md). A warp
         counts its keys for tl.histogram with ballots, not atomics: scores that crowd into one bin
         (the UNet's do) cost the same (the radix passes' histograms over many programs serialised
         on their atomics there)."""
