@@ -272,6 +272,16 @@ def test_readme_snippets_of_agent_attention_pytorch():
     assert out.shape == x.shape and agent_tokens.shape == (3, 128, 512)
 
 
+def batch_with_padding(masked):
+    """x (3, 20, 32) float64; with `masked`, a random padding mask whose third row is all padding."""
+    x = torch.randn(3, 20, 32, dtype=torch.float64)
+    if not masked:
+        return x, None, []
+    mask = torch.rand(3, 20) > 0.3
+    mask[2] = False
+    return x, mask, [2]
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("talking, gate", [(True, True), (False, False)])
 def test_self_attention_matches_agent_attention_pytorch(masked, talking, gate):
@@ -281,11 +291,7 @@ def test_self_attention_matches_agent_attention_pytorch(masked, talking, gate):
     upstream = upstream_module.AgentSelfAttention(32, **options).double()
     ours = AgentSelfAttention(32, **options).double()
     copy_upstream_weights(upstream, ours)
-    x = torch.randn(3, 20, 32, dtype=torch.float64)
-    mask, empty_rows = None, []
-    if masked:
-        mask, empty_rows = torch.rand(3, 20) > 0.3, [2]
-        mask[2] = False
+    x, mask, empty_rows = batch_with_padding(masked)
     compare_with_upstream(upstream, ours, x, mask, empty_rows)
     # agent_tokens= replaces the learned tokens in both
     carried = torch.randn(3, 4, 6, 8, dtype=torch.float64)
@@ -302,9 +308,5 @@ def test_transformer_matches_agent_attention_pytorch(masked, talking, gate, sub_
     upstream = upstream_module.AgentTransformer(32, **options).double()
     ours = AgentTransformer(32, **options).double()
     copy_upstream_weights(upstream, ours)
-    x = torch.randn(3, 20, 32, dtype=torch.float64)
-    mask, empty_rows = None, []
-    if masked:
-        mask, empty_rows = torch.rand(3, 20) > 0.3, [2]
-        mask[2] = False
+    x, mask, empty_rows = batch_with_padding(masked)
     compare_with_upstream(upstream, ours, x, mask, empty_rows)
