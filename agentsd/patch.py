@@ -3,11 +3,13 @@
 What a patch installs on the UNet, all of it undone by remove_patch (nothing on the pipeline or its
 scheduler; parameters and the state_dict are untouched):
 - a forward pre-hook and hook on the UNet: latent size, stage and timestep of the call;
-- a forward on every BasicTransformerBlock of the merged levels: its merge plan, from the block
-  input X, given up after its last use, then block.py's lean_forward where it computes what
-  diffusers' forward does, else the forward it replaced (blocks of deeper levels are left alone);
-- AgentSDAttnProcessor around each such block's attn1 processor, and on attn1 a `set_processor` and
-  `get_processor` that keep it around whatever processor diffusers or the user sets later;
+- a forward on every BasicTransformerBlock that block.py's lean_forward can run, and on every block
+  of the merged levels: there the block's merge plan, from the block input X, given up after its
+  last use; then lean_forward where it computes what diffusers' forward does, else the forward it
+  replaced (which may be a hook's wrapper);
+- AgentSDAttnProcessor around each merged block's attn1 processor, and on that attn1 a
+  `set_processor` and `get_processor` that keep it around whatever processor diffusers or the user
+  sets later;
 - with merge_crossattn / merge_mlp, merge and unmerge hooks around attn2 / ff.
 
 What one call needs (its stage, latent size, seed, timestep, each block's plan) is kept per thread,
