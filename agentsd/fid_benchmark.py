@@ -17,7 +17,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from PIL import Image, ImageOps
 from .cli import add_model_arguments, check_model_arguments, exit_if_broken_install
 from .environment import versions
 from .features import load_feature_network
+from .files import write_whole
 from .generate import Job, generate_images, save_png
 from .options import finite_float, make_output_folder, nonnegative_int, positive_int
 from .pipelines import (
@@ -367,9 +367,9 @@ def write_results(out: Path, results: list[dict], setup: dict) -> None:
     writer = csv.DictWriter(table, fieldnames=fields + list(per_row))
     writer.writeheader()
     writer.writerows(dict(row, **per_row) for row in results)
-    _write(out / "results.csv", table.getvalue())
-    _write(out / "results.json", json.dumps({"setup": setup, "results": results}, indent=1))
-    _write(out / "results.md", setup_markdown(setup) + "\n" + markdown(results))
+    write_whole(out / "results.csv", table.getvalue())
+    write_whole(out / "results.json", json.dumps({"setup": setup, "results": results}, indent=1))
+    write_whole(out / "results.md", setup_markdown(setup) + "\n" + markdown(results))
     if any(row["fid"] is not None for row in results):
         plot(results, out / PLOT)
     else:
@@ -426,14 +426,6 @@ def _lpips(device):
         return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(device)
     except Exception:
         return None
-
-
-def _write(path: Path, text: str) -> None:
-    """Written beside and renamed into place: an interrupted run leaves the last results whole."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="") as f:
-        f.write(text)
-    os.replace(partial, path)
 
 
 def _ratio(base, value):

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .environment import package_version, versions
+from .files import write_whole
 from .models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, tiny_pipeline
 from .patch import apply_patch
 
@@ -261,18 +262,10 @@ def first_image(config: str, method: str, mode: str, args) -> dict:
 
 
 def header(argv) -> dict:
-    import diffusers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     return dict(
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
-        torch=torch.__version__, diffusers=diffusers.__version__, triton=triton_version, agentsd=__version__,
+        **versions(), triton=package_version("triton"),
         commit=commit.stdout.strip() if commit.returncode == 0 else None,
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         command="agentsd benchmark speed " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -293,8 +286,8 @@ def write_outputs(out: Path, rows: list[dict], head: dict) -> None:
         "results.csv": _csv(rows),
     }
     for name, text in files.items():
-        _write_whole(out / name, text.encode())
-    _write_whole(out / "speed.png", plot(rows, head))
+        write_whole(out / name, text)
+    write_whole(out / "speed.png", plot(rows, head))
 
 
 def markdown(rows: list[dict], head: dict) -> str:
@@ -355,12 +348,6 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _write_whole(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(data)
-    os.replace(f.name, path)
 
 
 def _s(seconds) -> str:

@@ -12,10 +12,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import write_whole
 
 _KERNELS = Path(__file__).with_name("kernels")  # the package whose source a config was tuned for
 
@@ -62,9 +63,7 @@ def store(device: torch.device, kernel: str, key: tuple, config: dict) -> None:
     path = _file(device, kernel, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump(config, f)
-        os.replace(f.name, path)
+        write_whole(path, json.dumps(config))
     except OSError:
         pass
 

@@ -1,5 +1,5 @@
-"""agentsd composed with DeepCache's step caching: the two speed-ups multiply (3.57x at SD 1.5 2048px
-on an H200 by an earlier measurement, docs/performance.md). Needs `pip install "agentsd[deepcache]"`.
+"""agentsd composed with DeepCache's step caching: the two speed-ups multiply (2.58x at SD 1.5 1024px on
+an H200, README "Where it helps"). Needs `pip install "agentsd[deepcache]"`.
 
     python examples/deepcache.py                 # the SD 1.5 weights from the hub (or --model DIR)
     python examples/deepcache.py --model tiny    # random tiny weights, seconds on a CPU
