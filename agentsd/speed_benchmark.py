@@ -56,7 +56,9 @@ METHODS = {
     "agentsd+deepcache": ("agentsd", "deepcache"),
 }
 COMPILABLE = ("baseline", "agentsd", "agentsd-tome")  # tomesd draws random numbers with a generator; DeepCache wraps forwards
-MODES = {"eager": None, "compile": "default", "compile-ro": "reduce-overhead"}
+# mode: torch.compile's mode for the whole UNet; compile-regional is diffusers' regional compilation
+# (unet.compile_repeated_blocks: each transformer block on its own, far less to compile)
+MODES = {"eager": None, "compile": "default", "compile-ro": "reduce-overhead", "compile-regional": "default"}
 PACKAGES = {"tomesd": "tomesd", "deepcache": "DeepCache"}
 
 
@@ -67,7 +69,8 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                         help=f"{', '.join(METHODS)} (the baseline is always run)")  # fmt: skip
     parser.add_argument("--modes", nargs="+", default=["eager"], choices=list(MODES), metavar="MODE",
-                        help="eager, compile (torch.compile's default mode), compile-ro (reduce-overhead)")
+                        help="eager, compile (torch.compile's default mode), compile-ro (reduce-overhead), "
+                        "compile-regional (diffusers' compile_repeated_blocks)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 50, 20 at 2048px)")
     parser.add_argument("--rounds", type=int, default=3, help="steady-state images per method")
     parser.add_argument("--deepcache-interval", type=int, default=3, help="DeepCache's cache interval")
@@ -162,7 +165,9 @@ def method_pipeline(base, method: str, mode: str, args):
             from .pipelines import enable_deepcache
 
             pipe._deepcache = enable_deepcache(pipe, args.deepcache_interval)
-    if MODES[mode] is not None:
+    if mode == "compile-regional":
+        pipe.unet.compile_repeated_blocks(mode=MODES[mode], fullgraph=True)
+    elif MODES[mode] is not None:
         pipe.unet = torch.compile(pipe.unet, mode=MODES[mode], fullgraph=True)
     return pipe
 

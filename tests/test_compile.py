@@ -1,5 +1,7 @@
 """torch.compile of a patched UNet: the eager result, no graph break, one graph per stage."""
 
+import copy
+
 import pytest
 import torch
 import torch._dynamo
@@ -60,3 +62,41 @@ def test_kernels_compile_as_custom_ops(monkeypatch, stage):
     torch.testing.assert_close(run_unet(compiled, inputs), eager, rtol=1e-5, atol=1e-5)
     called = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
     assert {f"agentsd.{op}.default" for op in ("plan", "merge", "unmerge")} <= called
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+def test_a_compiled_unet_takes_a_second_size(monkeypatch):
+    """At a second size torch.compile recompiles with dynamic shapes; the patched UNet gives the eager
+    result at each size (the kernels' ops take a plan's shape as ints; here through Triton's interpreter)."""
+    monkeypatch.setattr(kernels, "available", lambda x: True)
+    unet = unet_from_config("sd15", tiny=True).eval()
+    agentsd.apply_patch(unet, 0.5, sx=2, sy=2, agent_ratio=0.5, seed=0)
+    sizes = [(8, 8), (12, 8)]
+    eager = [run_unet(unet, unet_inputs("sd15", latent=size)) for size in sizes]
+    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)  # aot_eager runs the ops' fakes
+    for size, expected in zip(sizes, eager):
+        torch.testing.assert_close(run_unet(compiled, unet_inputs("sd15", latent=size)), expected, rtol=1e-5, atol=1e-5)
+    assert not counters["graph_break"]
+
+
+def test_regional_compilation_adds_one_graph_per_later_stage(sd_pipe):
+    """diffusers' compile_repeated_blocks compiles each BasicTransformerBlock on its own: under the paper's
+    schedule only the merged level's blocks compile again for the second stage."""
+    def generate(pipe):
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a cat", num_inference_steps=5, height=64, width=64, output_type="latent", generator=generator).images
+
+    graphs = {}
+    for patched in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        pipe = copy.deepcopy(sd_pipe)
+        if patched:
+            agentsd.apply_patch(pipe)
+        eager = generate(pipe)
+        pipe.unet.compile_repeated_blocks(backend="eager", fullgraph=True)
+        for _ in range(2):
+            torch.testing.assert_close(generate(pipe), eager, rtol=0, atol=0)
+        assert not counters["graph_break"]
+        graphs[patched] = counters["stats"]["unique_graphs"]
+    assert graphs[True] == graphs[False] + 1

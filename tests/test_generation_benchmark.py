@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import agentsd
 from agentsd import speed_benchmark
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU configuration")
@@ -74,3 +75,20 @@ def test_agentsd_benchmark_speed_is_this_benchmark(tmp_path, capsys):
         cli.main(["benchmark", "speed", "--rounds", "0", "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2
     assert "agentsd benchmark speed: error: --rounds must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["compile", "compile-regional"])
+def test_compiled_modes_compile_each_methods_own_unet(mode):
+    """compile wraps the method's UNet copy; compile-regional (diffusers' compile_repeated_blocks)
+    compiles each of its transformer blocks; the base pipeline's UNet, shared by none, stays as it was."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    base, _, _ = speed_benchmark.base_pipeline("tiny", torch.device("cpu"))
+    pipe = speed_benchmark.method_pipeline(base, "agentsd", mode, speed_benchmark.parse_args([]))
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    if mode == "compile":
+        assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule) and pipe.unet._orig_mod is not base.unet
+    else:
+        assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert all(m._compiled_call_impl is None for m in base.unet.modules())
+    assert agentsd.is_patched(pipe) and not agentsd.is_patched(base)

@@ -63,7 +63,9 @@ def _eager_or_op(launch, on_device, op, outputs: int):
 
 
 def _fake_plan(x, width, sy, sx, downsample, key, seed, timestep, num_merged, num_agent_merged):
-    shape = PlanShape(*x.shape, x.dtype, width, sy, sx, num_merged, num_agent_merged)
+    # Under dynamic shapes (torch.compile at a second size) x's sizes may be symbols; a plan is made for
+    # one shape, so int() pins them (a guard), and layout_for takes ints.
+    shape = PlanShape(*map(int, x.shape), x.dtype, width, sy, sx, num_merged, num_agent_merged)
     return (x.new_empty(layout_for(shape, x.device).size, dtype=torch.uint8),)
 
 
