@@ -70,6 +70,29 @@ def test_compile_equals_eager(dtype, mode):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("how", ["whole", "regional"])
+def test_compiled_at_a_second_size_equals_eager(how):
+    """A second size makes torch.compile recompile with dynamic shapes (the kernels' ops then see
+    symbolic sizes); diffusers' compile_repeated_blocks compiles each transformer block on its own."""
+    torch._dynamo.reset()
+    unet, sample, context = _setup(torch.float16)
+    if how == "whole":
+        compiled = torch.compile(unet, fullgraph=True)
+    else:
+        unet.compile_repeated_blocks(fullgraph=True)
+        compiled = unet
+    timestep = torch.tensor(981, device="cuda")
+    for size in ((24, 20), (32, 24), (24, 20)):
+        x = torch.nn.functional.interpolate(sample, size=size)
+        eager = unet(x, timestep, context).sample if how == "whole" else None
+        out = compiled(x, timestep, context).sample
+        if how == "regional":  # the same module: its eager result with compilation off
+            with torch.compiler.set_stance("force_eager"):
+                eager = unet(x, timestep, context).sample
+        torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+
+
+@torch.no_grad()
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_a_unet_on_the_second_gpu_gives_what_it_gives_on_the_first(kind):
