@@ -348,8 +348,9 @@ class PatchedBlock:
         if self.merges_attn1 and processor is None and not self.warned:
             self.warned = True
             warnings.warn(
-                "agentsd: a processor was assigned to attn1 directly (attn.processor = ...), which takes agentsd "
-                "off that self-attention; set_processor / set_attn_processor keep agentsd on over it.",
+                "agentsd: a processor was assigned to attn1 directly (attn.processor = ..., as diffusers' PAG does "
+                "in its layers), so agentsd does not merge in that self-attention while it is there; "
+                "set_processor / set_attn_processor keep agentsd on over a processor.",
                 stacklevel=2,
             )
         attn1_plain = processor.plain if processor is not None else not self.merges_attn1 and is_plain(self.block.attn1, self.block.attn1.processor)

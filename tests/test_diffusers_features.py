@@ -1,5 +1,5 @@
 """The patch under diffusers' features: IP-Adapters, processors set later, hooks that wrap forwards,
-offloading and casting, threads, copies and pickles. At ratio 0 nothing may change, bit for bit; at
+offloading and casting, threads, copies and pickles, FreeU and PAG. At ratio 0 nothing may change, bit for bit; at
 ratio > 0 agentsd must stay on."""
 
 import copy
@@ -7,13 +7,14 @@ import io
 import pickle
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from accelerate import cpu_offload
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
-from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPAGPipeline
 from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
@@ -325,6 +326,46 @@ def test_a_scheduler_shared_by_two_patched_pipelines():
     agentsd.remove_patch(first)
     np.testing.assert_array_equal(generate(second), expected)
     assert first.scheduler.__dict__["scale_model_input"] is own_step
+
+
+# ---------------------------------------------------------------- guidance and pipeline switches
+
+
+def freeu_pipeline():
+    pipe = tiny_pipeline("sd15")
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    return pipe
+
+
+def pag_pipeline(layers):
+    """Perturbed-attention guidance on `layers`: its processors are assigned to those attn1s directly
+    for each call, then set back through set_attn_processor."""
+    return lambda: StableDiffusionPAGPipeline(**tiny_pipeline("sd15").components, pag_applied_layers=layers)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, agentsd_off_in_pag_layers",
+    [(freeu_pipeline, {}, False), (pag_pipeline(["mid"]), {"pag_scale": 3.0}, False),
+     (pag_pipeline(["down"]), {"pag_scale": 3.0}, True)],
+    ids=["freeu", "pag-mid", "pag-down"],
+)  # fmt: skip
+def test_freeu_and_pag(make, kwargs, agentsd_off_in_pag_layers):
+    """Bit for bit at ratio 0 and after remove_patch; agentsd on after each call. PAG's processors on a
+    merged level (its down layers) take agentsd off there for the call, with a warning; on the mid block
+    (PAG's usual layer) nothing is merged anyway."""
+    pipe = make()
+    plain = generate(pipe, **kwargs)
+    for ratio in (0.0, PATCH["ratio"]):
+        agentsd.apply_patch(pipe, ratio, seed=0)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            patched = generate(pipe, **kwargs)
+        assert any("as diffusers' PAG does" in str(w.message) for w in warned) == agentsd_off_in_pag_layers
+        assert np.array_equal(patched, plain) == (ratio == 0)  # bit for bit at 0, merged above
+    assert np.isfinite(patched).all()
+    assert_agentsd_on(pipe.unet)
+    agentsd.remove_patch(pipe)
+    np.testing.assert_array_equal(generate(pipe, **kwargs), plain)
 
 
 def test_ratio_zero_sdxl_with_euler_is_bit_identical():
