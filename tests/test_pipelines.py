@@ -5,11 +5,13 @@ import pytest
 import torch
 from diffusers import (
     ControlNetModel,
+    StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    T2IAdapter,
 )
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -37,6 +39,11 @@ def build(name):
         mask = torch.zeros(1, 1, SIZE, SIZE)
         mask[..., SIZE // 4 :, :] = 1
         return StableDiffusionInpaintPipeline(**base.components), {"image": _image(), "mask_image": mask}
+    if name == "t2i-adapter":  # its features add to the down blocks' outputs, one per level
+        channels = list(base.unet.config.block_out_channels)
+        adapter = T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
+        components = {k: v for k, v in base.components.items() if k != "image_encoder"}
+        return StableDiffusionAdapterPipeline(**components, adapter=adapter), {"image": _image(1)}
     controlnet = ControlNetModel.from_unet(base.unet)
     cls = StableDiffusionXLControlNetPipeline if name.startswith("sdxl") else StableDiffusionControlNetPipeline
     return cls(**base.components, controlnet=controlnet), {"image": _image(1)}
@@ -48,7 +55,7 @@ def generate(pipe, extra, steps=5):
                 output_type="np", **extra).images  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["sd", "img2img", "inpaint", "controlnet", "sdxl", "sdxl-img2img", "sdxl-controlnet"])
+@pytest.mark.parametrize("name", ["sd", "img2img", "inpaint", "controlnet", "t2i-adapter", "sdxl", "sdxl-img2img", "sdxl-controlnet"])
 def test_pipeline_generates_with_patch(name):
     pipe, extra = build(name)
     baseline = generate(pipe, extra)
