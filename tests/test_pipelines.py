@@ -84,6 +84,8 @@ def test_lora_weights_stay_active(tmp_path):
     pipe.load_lora_weights(tmp_path)  # loaded into a patched pipeline
     patched_lora = generate(pipe, {})
     assert np.abs(patched_lora - patched).max() > 1e-3  # the LoRA acts inside the agent attention
+    # its scale, passed as diffusers does, reaches the patched blocks: 0 is no LoRA
+    np.testing.assert_allclose(generate(pipe, {"cross_attention_kwargs": {"scale": 0.0}}), patched, atol=1e-6)
     agentsd.remove_patch(pipe)
     lora = generate(pipe, {})
     assert np.abs(lora - plain).max() > 1e-3
