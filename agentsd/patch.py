@@ -167,10 +167,11 @@ class PerThread(threading.local):
 
 class CallState(PerThread):
     """The UNet call running in this thread, as before_unet found it: the index of its stage in
-    config.stages (an int: torch 2.11's dynamo cannot guard a Stage read from here), latent size, seed
-    of the destinations (None: top-left) and timestep."""
+    config.stages (an int: torch 2.11's dynamo cannot guard a Stage read from here), its input latent
+    (a tensor, not its size: under torch.compile's dynamic shapes its sizes are the graph's symbols, so
+    one graph serves every size), seed of the destinations (None: top-left) and timestep."""
 
-    names = ("stage_index", "latent_size", "seed", "timestep")
+    names = ("stage_index", "latent", "seed", "timestep")
 
 
 class PlanSlot(PerThread):
@@ -215,7 +216,7 @@ class UNetPatch:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         call = self.call
-        call.latent_size = tuple(sample.shape[-2:])
+        call.latent = sample
         stages = self.config.stages
         call.stage_index = 0 if len(stages) == 1 else stages.index(stage_at(stages, trajectory_fraction(timestep, self.scheduler)))
         # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
@@ -234,7 +235,7 @@ class UNetPatch:
         num_tokens = x.shape[1]
         if num_tokens < self.config.min_tokens:
             return None
-        grid = token_grid(call.latent_size, num_tokens)
+        grid = token_grid(call.latent.shape[-2:], num_tokens)
         if grid.downsample > self.max_downsample or grid.height * grid.width != num_tokens:
             return None
         stage = self.config.stages[call.stage_index]

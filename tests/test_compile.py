@@ -65,18 +65,28 @@ def test_kernels_compile_as_custom_ops(monkeypatch, stage):
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
-def test_a_compiled_unet_takes_a_second_size(monkeypatch):
-    """At a second size torch.compile recompiles with dynamic shapes; the patched UNet gives the eager
-    result at each size (the kernels' ops take a plan's shape as ints; here through Triton's interpreter)."""
+def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch):
+    """From a second size on torch.compile makes the sizes symbols (dynamic shapes): the patched UNet,
+    kernels' ops included (here through Triton's interpreter), then serves every size with the graphs
+    the unpatched UNet needs, not one more per size (recompile_limit would stop that at 8), and gives
+    the eager result at each."""
     monkeypatch.setattr(kernels, "available", lambda x: True)
-    unet = unet_from_config("sd15", tiny=True).eval()
-    agentsd.apply_patch(unet, 0.5, sx=2, sy=2, agent_ratio=0.5, seed=0)
-    sizes = [(8, 8), (12, 8)]
-    eager = [run_unet(unet, unet_inputs("sd15", latent=size)) for size in sizes]
-    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)  # aot_eager runs the ops' fakes
-    for size, expected in zip(sizes, eager):
-        torch.testing.assert_close(run_unet(compiled, unet_inputs("sd15", latent=size)), expected, rtol=1e-5, atol=1e-5)
-    assert not counters["graph_break"]
+    sizes = [(16, 16), (24, 24), (32, 16)]  # the second makes both sizes symbols (8 would be 1 at the bottom)
+    graphs = {}
+    for patched in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        unet = unet_from_config("sd15", tiny=True).eval()
+        if patched:
+            agentsd.apply_patch(unet, 0.5, sx=2, sy=2, agent_ratio=0.5, seed=0)
+        eager = [run_unet(unet, unet_inputs("sd15", latent=size)) for size in sizes]
+        compiled = torch.compile(unet, backend="eager", fullgraph=True)  # dynamo traces the ops through their fakes
+        graphs[patched] = []  # after each size
+        for size, expected in zip(sizes, eager):
+            torch.testing.assert_close(run_unet(compiled, unet_inputs("sd15", latent=size)), expected, rtol=1e-5, atol=1e-5)
+            graphs[patched].append(counters["stats"]["unique_graphs"])
+        assert not counters["graph_break"]
+    assert graphs[True] == graphs[False] == [1, 2, 2]
 
 
 def test_regional_compilation_adds_one_graph_per_later_stage(sd_pipe):

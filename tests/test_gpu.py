@@ -73,19 +73,26 @@ def test_compile_equals_eager(dtype, mode):
 @pytest.mark.parametrize("how", ["whole", "regional"])
 def test_compiled_at_a_second_size_equals_eager(how):
     """A second size makes torch.compile recompile with dynamic shapes (the kernels' ops then see
-    symbolic sizes); diffusers' compile_repeated_blocks compiles each transformer block on its own."""
+    symbolic sizes), which serve a third size without compiling again; diffusers'
+    compile_repeated_blocks compiles each transformer block on its own."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     unet, sample, context = _setup(torch.float16)
     compiled = torch.compile(unet, fullgraph=True) if how == "whole" else unet
     if how == "regional":
         unet.compile_repeated_blocks(fullgraph=True)
     timestep = torch.tensor(981, device="cuda")
-    for size in ((24, 20), (32, 24), (24, 20)):
+    graphs = []
+    for size in ((24, 16), (32, 24), (40, 32)):
         x = torch.nn.functional.interpolate(sample, size=size)
         out = compiled(x, timestep, context).sample
+        graphs.append(counters["stats"]["unique_graphs"])
         with torch.compiler.set_stance("force_eager"):  # the same UNet, uncompiled
             eager = unet(x, timestep, context).sample
         torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+    assert graphs[2] == graphs[1]
 
 
 @torch.no_grad()

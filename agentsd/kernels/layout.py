@@ -86,6 +86,11 @@ _HISTOGRAM = 5 * 2048 + 3  # int32 per batch row for the radix passes: B x 5 x 2
 @functools.cache
 def layout_for(shape: PlanShape, device: torch.device) -> Layout:
     """The layout of the plans of this shape on this device (parts 128-byte aligned)."""
+    return plan_layout(shape, device)
+
+
+def plan_layout(shape: PlanShape, device: torch.device) -> Layout:
+    """layout_for, uncached: its sizes may be symbols (torch.compile's dynamic shapes, in ops.py's fake)."""
     batch, n_tokens, num_dst, channels = shape.batch, shape.num_tokens, shape.num_dst, shape.channels
     has_agents = shape.num_agent_merged is not None
     parts = {

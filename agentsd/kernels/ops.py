@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from .launch import device_index, run_on
-from .layout import PlanShape, layout_for
+from .layout import PlanShape, plan_layout
 from .merging import run_merge
 from .planning import run_plan
 from .unmerging import run_unmerge
@@ -63,10 +63,10 @@ def _eager_or_op(launch, on_device, op, outputs: int):
 
 
 def _fake_plan(x, width, sy, sx, downsample, key, seed, timestep, num_merged, num_agent_merged):
-    # Under dynamic shapes (torch.compile at a second size) x's sizes may be symbols; a plan is made for
-    # one shape, so int() pins them (a guard), and layout_for takes ints.
-    shape = PlanShape(*map(int, x.shape), x.dtype, width, sy, sx, num_merged, num_agent_merged)
-    return (x.new_empty(layout_for(shape, x.device).size, dtype=torch.uint8),)
+    # Under dynamic shapes (torch.compile from a second size on) the sizes are symbols: one graph serves
+    # every size, and each call's workspace takes the size of its plan.
+    shape = PlanShape(*x.shape, x.dtype, width, sy, sx, num_merged, num_agent_merged)
+    return (x.new_empty(plan_layout(shape, x.device).size, dtype=torch.uint8),)
 
 
 def _fake_merge(x, workspace, num_tokens, channels, dtype, width, sy, sx, num_merged, num_agent_merged, with_agents):
@@ -79,9 +79,12 @@ def _fake_unmerge(y, workspace, residual, num_tokens, channels, dtype, width, sy
     return (y.new_empty(y.shape[0], num_tokens, y.shape[2]),)
 
 
-_PLAN_SHAPE = "int num_tokens, int channels, ScalarType dtype, int width, int sy, int sx, int num_merged, int? num_agent_merged"
+# SymInt: under dynamic shapes the sizes, and what the plan derives from them, are symbols
+_PLAN_SHAPE = ("SymInt num_tokens, SymInt channels, ScalarType dtype, SymInt width, int sy, int sx, SymInt num_merged, "
+               "SymInt? num_agent_merged")  # fmt: skip
 plan = _compilable(
-    "plan(Tensor x, int width, int sy, int sx, int downsample, int? key, int seed, Tensor? timestep, int num_merged, int? num_agent_merged) -> Tensor[]",
+    "plan(Tensor x, SymInt width, int sy, int sx, SymInt downsample, int? key, int seed, Tensor? timestep, "
+    "SymInt num_merged, SymInt? num_agent_merged) -> Tensor[]",
     run_plan, _fake_plan, outputs=1,
 )  # fmt: skip
 merge = _compilable(f"merge(Tensor x, Tensor workspace, {_PLAN_SHAPE}, bool with_agents) -> Tensor[]", run_merge, _fake_merge, outputs=2)
