@@ -18,6 +18,31 @@ if DEVICE == "cuda":  # TF32 convolutions round at 1e-3, far above the 1e-4 of t
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_kernel_config_cache(tmp_path_factory):
+    """Kernel configs chosen in the tests (some without tuning, below) stay out of the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AGENTSD_CACHE_DIR", str(tmp_path_factory.mktemp("agentsd-cache")))
+        yield
+
+
+def _smallest_tiles(tuned, grid, args, meta):
+    """The candidate with the smallest tiles (it fits every GPU): a valid choice of the tuner's."""
+    fits = [c for c in tuned.configs if not c.kwargs.get("SHARED_ROWS")]
+    return min(fits, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_D"] * c.num_stages)
+
+
+@pytest.fixture(autouse=True)
+def untuned_kernels_on_the_gpu(request, monkeypatch):
+    """On a GPU, Triton's autotuner compiles and times every candidate of a matching kernel at each new
+    shape, and the parity tests take dozens of shapes: they launch one candidate instead (the results
+    do not depend on it). tests/test_gpu.py keeps the tuner, as users run it."""
+    if DEVICE == "cuda" and request.path.name != "test_gpu.py":
+        from agentsd.kernels import matching
+
+        monkeypatch.setattr(matching, "_autotune", _smallest_tiles)
+
+
 @pytest.fixture(autouse=True)
 def merge_tiny_models(monkeypatch):
     """The tiny models' blocks see a few dozen tokens, far below the default min_tokens: merge there
