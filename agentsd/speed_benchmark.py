@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .environment import package_version, versions
+from .kernels import tuning_seconds
 from .files import write_whole
 from .models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, tiny_pipeline
 from .patch import apply_patch
@@ -216,8 +217,9 @@ def steady_rows(config: str, mode: str, methods: list[str], args) -> list[dict]:
     weights_gb = sum(p.numel() * p.element_size() for m in (base.unet, base.vae) for p in m.parameters()) / 2**30
     rows = {m: dict(config=config, mode=mode, method=m, steps=steps, seconds=[], weights_gb=weights_gb) for m in methods}
     for method, pipe in pipes.items():  # warm-up, memory and the finite check, one method at a time
-        row, outputs = rows[method], []
+        row, outputs, tuned = rows[method], [], tuning_seconds()
         row["warmup_s"] = timed(lambda: outputs.append(generate(pipe, steps, call, memory=row)))
+        row["warmup_tuning_s"] = tuning_seconds() - tuned
         row["finite"] = bool(torch.isfinite(outputs[0]).all())
     for round_ in range(args.rounds):
         order = methods[round_ % len(methods) :] + methods[: round_ % len(methods)]
@@ -244,13 +246,14 @@ def first_images(config: str, method: str, mode: str, args) -> dict:
         command = [sys.executable, "-m", "agentsd.speed_benchmark", "--first-image", config, method, mode,
                    "--deepcache-interval", str(args.deepcache_interval), "--methods", method]  # fmt: skip
         command += [] if args.steps is None else ["--steps", str(args.steps)]
-        for caches_state in ("first_image_cold_s", "first_image_s"):
+        for caches_state in ("first_image_cold", "first_image"):  # empty caches, then the ones it left
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode != 0:
-                result[caches_state] = None
+                result[f"{caches_state}_s"] = None
                 result["first_image_error"] = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
                 break
-            result[caches_state] = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+            child = json.loads(done.stdout.strip().splitlines()[-1])
+            result[f"{caches_state}_s"], result[f"{caches_state}_tuning_s"] = child["seconds"], child["tuning_s"]
     return result
 
 
@@ -260,7 +263,8 @@ def first_image(config: str, method: str, mode: str, args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, steps, call = base_pipeline(config, device)
     pipe = method_pipeline(base, method, mode, args)
-    return dict(seconds=timed(lambda: generate(pipe, args.steps or steps, call)))
+    seconds = timed(lambda: generate(pipe, args.steps or steps, call))
+    return dict(seconds=seconds, tuning_s=tuning_seconds())
 
 
 # ---------------------------------------------------------------- outputs
@@ -278,7 +282,8 @@ def header(argv) -> dict:
 
 
 COLUMNS = ["config", "mode", "method", "steps", "s_per_image", "speedup", "speedup_min", "speedup_max",
-           "first_image_s", "first_image_cold_s", "loop_gb", "decode_gb", "weights_gb", "finite", "warmup_s"]  # fmt: skip
+           "first_image_s", "first_image_cold_s", "first_image_tuning_s", "first_image_cold_tuning_s", "loop_gb",
+           "decode_gb", "weights_gb", "finite", "warmup_s", "warmup_tuning_s"]  # fmt: skip
 
 
 def write_outputs(out: Path, rows: list[dict], head: dict) -> None:
@@ -299,18 +304,20 @@ def markdown(rows: list[dict], head: dict) -> str:
     lines = [f"{head['gpu']}; torch {head['torch']}, diffusers {head['diffusers']}, Triton {head['triton']}, "
              f"agentsd {head['agentsd']} ({head['commit']}); {head['date']}", "", f"`{head['command']}`", "",
              "| config | mode | method | steps | s/image | speed-up (min-max) | first image (new machine) | "
-             "loop / decode peak GB | finite |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "warm-up (tuning) | loop / decode peak GB | finite |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         first = "" if "first_image_s" not in r else f"{_s(r['first_image_s'])} ({_s(r['first_image_cold_s'])})"
+        warmup = f"{_s(r['warmup_s'])} ({_s(r['warmup_tuning_s'])})"
         memory = f"{r['loop_gb']:.2f} / {r['decode_gb']:.2f}" if "loop_gb" in r else "n/a"
         lines.append(
             f"| {r['config']} | {r['mode']} | {r['method']} | {r['steps']} | {r['s_per_image']:.3f} | "
-            f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {first} | {memory} | "
+            f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {first} | {warmup} | {memory} | "
             f"{'yes' if r['finite'] else 'NO'} |"
         )
     lines += ["", "Speed-up: the median over rounds of the baseline's seconds over the method's in the same round. "
               "Memory: peaks above the weights held before the call. First image: a fresh process, model "
-              "building excluded; in brackets with empty kernel and compile caches."]  # fmt: skip
+              "building excluded; in brackets with empty kernel and compile caches. Warm-up: this process's first "
+              "image (compiling included), in brackets its seconds of kernel tuning."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -23,8 +23,9 @@ import torch
 from . import ops
 from .launch import INTERPRET, triton
 from .layout import Plan, PlanShape
+from .matching import tuning_seconds
 
-__all__ = ["ENABLED", "INTERPRET", "Plan", "PlanShape", "available", "merge", "plan", "triton", "unmerge"]
+__all__ = ["ENABLED", "INTERPRET", "Plan", "PlanShape", "available", "merge", "plan", "triton", "tuning_seconds", "unmerge"]
 
 ENABLED = os.environ.get("AGENTSD_KERNELS", "1") != "0"  # AGENTSD_KERNELS=0 runs the torch code on CUDA too
 

@@ -5,6 +5,8 @@ A matching kernel's config is chosen once per (kernel, N, D, C, dtype): by Trito
 its first launch, kept on disk for later processes (tuned_configs), then launched with that config
 straight through its jit function."""
 
+import time
+
 import torch
 
 from .. import tuned_configs
@@ -53,6 +55,13 @@ def match(x, parts: dict, shape: PlanShape, layout: Layout) -> bool:
 
 
 _matching_configs_found = {}  # (kernel, N, D, C, dtype): the config its autotuner chose
+_tuning = {"seconds": 0.0}  # spent in the autotuner by this process (its candidates compiled and timed)
+
+
+def tuning_seconds() -> float:
+    """Seconds this process spent autotuning matching kernels (the benchmark tells them apart from
+    compiling: both make a first image slow)."""
+    return _tuning["seconds"]
 
 
 def _matching_config(tuned, grid, x, num_dst: int, *args, **meta):
@@ -66,7 +75,9 @@ def _matching_config(tuned, grid, x, num_dst: int, *args, **meta):
         stored = tuned_configs.load(x.device, name, disk_key)
         config = next((c for c in tuned.configs if c.all_kwargs() == stored), None)
         if config is None:
-            config = _autotune(tuned, grid, args, meta)
+            start = time.perf_counter()
+            config = _autotune(tuned, grid, args, meta)  # times every candidate, synchronizing
+            _tuning["seconds"] += time.perf_counter() - start
             tuned_configs.store(x.device, name, disk_key, config.all_kwargs())
         _matching_configs_found[key] = config
     return config
