@@ -1,0 +1,75 @@
+"""pytest plugin: run diffusers' own tests with agentsd at ratio=0 on every UNet2DConditionModel and
+every pipeline they build. ratio=0 must leave every output bit-identical, so any test that passes
+unpatched and fails here is an agentsd bug (README "Compatibility"; usage in README.md beside this).
+
+A UNet is patched when its constructor returns, a pipeline when its outermost constructor returns
+(re-patching the UNet through the pipeline, as users do). Counts go to $AGENTSD_SUITE_COUNTS (JSON)."""
+
+import collections
+import functools
+import inspect
+import json
+import os
+import threading
+
+import diffusers
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+import agentsd
+
+COUNTS = collections.Counter()
+_depth = threading.local()  # constructors in progress: only the outermost one patches
+
+
+def _patching_init(cls, patch):
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        _depth.n = getattr(_depth, "n", 0) + 1
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            _depth.n -= 1
+        if _depth.n == 0:
+            patch(self)
+
+    cls.__init__ = __init__
+
+
+def _patch_unet(unet):
+    try:
+        agentsd.apply_patch(unet, ratio=0)
+        COUNTS["unet_patched"] += 1
+    except ValueError:  # no transformer blocks: nothing to patch
+        COUNTS["unet_without_blocks"] += 1
+
+
+def _patch_pipeline(pipe):
+    if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        agentsd.apply_patch(pipe, ratio=0)
+        COUNTS["pipe_patched"] += 1
+    else:
+        COUNTS[f"pipe_not_unet {type(pipe).__name__} {type(getattr(pipe, 'unet', None)).__name__}"] += 1
+
+
+def pytest_configure(config):
+    _patching_init(UNet2DConditionModel, _patch_unet)
+    pipelines = {DiffusionPipeline}
+    for name in dir(diffusers):
+        try:
+            obj = getattr(diffusers, name)
+        except Exception:  # optional backends missing
+            continue
+        if inspect.isclass(obj) and issubclass(obj, DiffusionPipeline):
+            pipelines.update(c for c in obj.__mro__ if issubclass(c, DiffusionPipeline))
+    for cls in pipelines:
+        if "__init__" in cls.__dict__:
+            _patching_init(cls, _patch_pipeline)
+
+
+def pytest_unconfigure(config):
+    path = os.environ.get("AGENTSD_SUITE_COUNTS")
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(COUNTS, agentsd=agentsd.__file__), f, indent=1)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# diffusers' own fast tests, unpatched and then with agentsd at ratio=0 everywhere; compare.
+# Usage: tests/diffusers_suite/run.sh DIFFUSERS_CHECKOUT OUT_DIR TEST_PATH...   (paths relative to the
+# checkout, e.g. tests/pipelines/stable_diffusion). Needs: pip install parameterized requests-mock
+# sentencepiece pytest-timeout. Tests run against the installed diffusers: only the
+# checkout's tests/ folder is used, so take the checkout of the installed release.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+checkout=$(cd "$1" && pwd); out=$(mkdir -p "$2" && cd "$2" && pwd); shift 2
+work=$(mktemp -d)
+cp -r "$checkout/tests" "$work/tests"   # without src/: its conftest then imports the installed diffusers
+cd "$work"
+export HF_HUB_OFFLINE=1   # tests that need the hub fail fast in both runs instead of waiting on the network
+python -m pytest -q -p no:cacheprovider --timeout 600 --junitxml="$out/plain.xml" "$@" > "$out/plain.log" 2>&1 || true
+AGENTSD_SUITE_COUNTS="$out/counts.json" PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" \
+  python -m pytest -q -p no:cacheprovider --timeout 600 -p agentsd_everywhere --junitxml="$out/patched.xml" "$@" > "$out/patched.log" 2>&1 || true
+rm -rf "$work"
+python "$here/compare.py" "$out/plain.xml" "$out/patched.xml" | tee "$out/compare.txt"
+cat "$out/counts.json"
