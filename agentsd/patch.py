@@ -102,7 +102,8 @@ def apply_patch(
     unet = _find_unet(model)
     blocks = transformer_blocks(unet)
     if not blocks:
-        raise ValueError(f"{type(unet).__name__} has no transformer blocks (BasicTransformerBlock) to patch")
+        kinds = ", ".join(dict.fromkeys(unet.config.down_block_types))  # e.g. the x2 latent upscaler's K blocks
+        raise ValueError(f"{type(unet).__name__} has no transformer blocks (BasicTransformerBlock) to patch; its down blocks: {kinds}")
     if scheduler is not None and not hasattr(scheduler, "timesteps"):
         raise TypeError(f"scheduler must be a diffusers scheduler (with .timesteps), got {type(scheduler).__name__}")
     remove_patch(unet)

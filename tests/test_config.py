@@ -80,8 +80,9 @@ def test_unet_without_transformer_blocks():
     unet = unet_from_config("sd15", tiny=True)
     plain = type(unet)(**{**unet.config, "down_block_types": ["DownBlock2D"] * 4, "up_block_types": ["UpBlock2D"] * 4,
                           "mid_block_type": None})  # fmt: skip
-    with pytest.raises(ValueError, match="no transformer blocks"):
+    with pytest.raises(ValueError, match="no transformer blocks .*; its down blocks: DownBlock2D$"):
         agentsd.apply_patch(plain, **FIXED)
+    assert not agentsd.is_patched(plain)
 
 
 def test_default_schedule_values():

@@ -47,8 +47,11 @@ def _patch_unet(unet):
 
 def _patch_pipeline(pipe):
     if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        agentsd.apply_patch(pipe, ratio=0)
-        COUNTS["pipe_patched"] += 1
+        try:
+            agentsd.apply_patch(pipe, ratio=0)
+            COUNTS["pipe_patched"] += 1
+        except ValueError:  # a UNet without BasicTransformerBlocks (the x2 latent upscaler): a user gets this error
+            COUNTS[f"pipe_without_blocks {type(pipe).__name__}"] += 1
     else:
         COUNTS[f"pipe_not_unet {type(pipe).__name__} {type(getattr(pipe, 'unet', None)).__name__}"] += 1
 
