@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from .environment import package_version, versions
-from .kernels import tuning_seconds
 from .files import write_whole
+from .kernels import tuning_seconds
 from .models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, tiny_pipeline
 from .patch import apply_patch
 
