@@ -61,8 +61,13 @@ class MergePlan(NamedTuple):
 def token_grid(latent_size: tuple[int, int], num_tokens: int) -> Grid:
     """The level of a block that sees `num_tokens` tokens when the UNet input is `latent_size`."""
     latent_h, latent_w = latent_size
-    downsample = math.ceil(math.sqrt(latent_h * latent_w / num_tokens))
-    return Grid(downsample, math.ceil(latent_h / downsample), math.ceil(latent_w / downsample))
+    # ceil(sqrt(h w / N)) as ToMe computes it, in integers: the smallest d with d^2 N >= h w. Under
+    # torch.compile's dynamic shapes each comparison is a guard and d a constant, where a square root
+    # of symbolic sizes gives expressions that sympy takes minutes to simplify.
+    downsample = 1
+    while downsample * downsample * num_tokens < latent_h * latent_w:
+        downsample += 1
+    return Grid(downsample, -(-latent_h // downsample), -(-latent_w // downsample))
 
 
 def merge_counts(num_tokens: int, num_dst: int, ratio: float, agent_ratio: float) -> tuple[int, int | None]:

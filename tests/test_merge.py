@@ -23,6 +23,18 @@ def test_token_grid_rounds_up_odd_latents():
     assert token_grid((13, 9), 7 * 5) == Grid(2, 7, 5)
 
 
+def test_token_grid_is_tomes_formula_in_integers():
+    """ceil(sqrt(h w / N)) as ToMe computes it in floats, down four levels of odd and even latents."""
+    import math
+
+    for h in range(1, 70):
+        for w in range(1, 70, 3):
+            for level in range(4):
+                n = math.ceil(h / 2**level) * math.ceil(w / 2**level)
+                d = math.ceil(math.sqrt(h * w / n))
+                assert token_grid((h, w), n) == Grid(d, math.ceil(h / d), math.ceil(w / d)), (h, w, level)
+
+
 def test_merge_counts_follow_the_algorithm():
     n = 64 * 64
     # the paper's agent stage: sx=sy=4, ratio 0.4, agent_ratio 0.95 -> agents are the N/16 destinations
