@@ -234,7 +234,7 @@ class UNetPatch:
         if call.stage_index is None:  # a block called outside a UNet call
             return None
         num_tokens = x.shape[1]
-        if num_tokens == 0 or num_tokens < self.config.min_tokens:
+        if num_tokens == 0 or num_tokens < self.config.min_tokens:  # token_grid needs a token (min_tokens may be 0)
             return None
         grid = token_grid(call.latent.shape[-2:], num_tokens)
         if grid.downsample > self.max_downsample or grid.height * grid.width != num_tokens:

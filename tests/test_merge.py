@@ -1,5 +1,7 @@
 """The merge math on its own: grids, destinations, counts, plans, merge and unmerge."""
 
+import math
+
 import pytest
 import torch
 
@@ -25,8 +27,6 @@ def test_token_grid_rounds_up_odd_latents():
 
 def test_token_grid_is_tomes_formula_in_integers():
     """ceil(sqrt(h w / N)) as ToMe computes it in floats, down four levels of odd and even latents."""
-    import math
-
     for h in range(1, 70):
         for w in range(1, 70, 3):
             for level in range(4):
