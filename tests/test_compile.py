@@ -89,6 +89,18 @@ def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch):
     assert graphs[True] == graphs[False] == [1, 2, 2]
 
 
+def test_dynamic_shapes_compile_to_the_eager_result():
+    """torch.compile(dynamic=True) on the agent stage (the torch merge): the grid's factor comes from
+    symbolic sizes; computed through a square root it made sympy simplify for minutes (this hung)."""
+    unet = unet_from_config("sd15", tiny=True).eval()
+    agentsd.apply_patch(unet, 0.5, sx=4, sy=4, agent_ratio=0.95, seed=0)
+    inputs = unet_inputs("sd15", latent=(24, 16))
+    eager = run_unet(unet, inputs)
+    compiled = torch.compile(unet, backend="eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(run_unet(compiled, inputs), eager, rtol=1e-5, atol=1e-5)
+    assert not counters["graph_break"]
+
+
 def test_regional_compilation_adds_one_graph_per_later_stage(sd_pipe):
     """diffusers' compile_repeated_blocks compiles each BasicTransformerBlock on its own: under the paper's
     schedule only the merged level's blocks compile again for the second stage."""
