@@ -249,11 +249,17 @@ def test_offloading_and_casting(offload):
 
 
 def test_threads_sharing_one_unet_get_the_images_of_sequential_calls():
-    """Pipelines built from one set of components (each with a scheduler of its own, as unpatched
-    diffusers needs), at other stages and sizes, run at once in threads."""
+    """Pipelines built from one set of components, at other stages and sizes, run at once in threads.
+    Each has a scheduler and a tokenizer of its own, as unpatched diffusers needs: the scheduler keeps
+    the loop's state, and transformers' fast tokenizer sets its padding on itself at every call
+    (transformers issue 47085; shared, unpatched pipelines here gave other images in 2 rounds of 12)."""
     txt2img = agentsd.apply_patch(tiny_pipeline("sd15"), **PATCH)
-    img2img = StableDiffusionImg2ImgPipeline(**{**txt2img.components, "scheduler": copy.deepcopy(txt2img.scheduler)})
-    other_size = type(txt2img)(**{**txt2img.components, "scheduler": copy.deepcopy(txt2img.scheduler)})
+
+    def own_components():
+        return {**txt2img.components, "scheduler": copy.deepcopy(txt2img.scheduler), "tokenizer": copy.deepcopy(txt2img.tokenizer)}
+
+    img2img = StableDiffusionImg2ImgPipeline(**own_components())
+    other_size = type(txt2img)(**own_components())
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     runs = {
         "txt2img": lambda: generate(txt2img, steps=8),
