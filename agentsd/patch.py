@@ -231,7 +231,9 @@ class UNetPatch:
     def plan_for(self, x: torch.Tensor):
         """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched."""
         call = self.call
-        if call.stage_index is None:  # a block called outside a UNet call
+        # stage_index is read last, only where a block merges: under torch.compile reading it makes a
+        # graph per stage, which a run that merges nothing (min_tokens, say at 512px) does not need
+        if call.latent is None:  # a block called outside a UNet call
             return None
         num_tokens = x.shape[1]
         if num_tokens == 0 or num_tokens < self.config.min_tokens:  # token_grid needs a token (min_tokens may be 0)

@@ -32,13 +32,15 @@ def test_compiled_equals_eager_without_graph_breaks(kind, backend):
     assert not counters["graph_break"]
 
 
-def test_one_graph_per_stage_over_whole_runs(sd_pipe):
-    agentsd.apply_patch(sd_pipe)
+@pytest.mark.parametrize("min_tokens, graphs", [(0, 2), (10**9, 1)], ids=["merging", "nothing-merged"])
+def test_one_graph_per_merging_stage_over_whole_runs(sd_pipe, min_tokens, graphs):
+    """One graph per stage (the UNet's pre-hook runs eagerly: it reads where the timestep lies); where
+    no block reaches min_tokens (by default SD 1.5 at 512px, SDXL at 1024px) the unpatched one graph."""
+    agentsd.apply_patch(sd_pipe, min_tokens=min_tokens)
     sd_pipe.unet = torch.compile(sd_pipe.unet, backend="eager", fullgraph=True)
     for _ in range(2):
         sd_pipe("a cat", num_inference_steps=10, height=32, width=32, output_type="latent")
-    # one graph per stage (the UNet's pre-hook runs eagerly: it reads where the timestep lies)
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["graph_break"]
 
 
