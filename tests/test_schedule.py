@@ -11,6 +11,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     LCMScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     TCDScheduler,
 )
 
@@ -74,6 +75,20 @@ def test_img2img_starts_where_strength_puts_it(sd_pipe, name, strength, expected
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     generate(pipe, 50, image=image, strength=strength)
     assert calls == expected
+
+
+def test_sdxl_base_and_refiner_split_one_trajectory(sdxl_pipe):
+    """SDXL's ensemble of experts: the base stops at denoising_end, the refiner starts at
+    denoising_start; both place their calls on the whole trajectory (placed on its own part, the
+    base would switch after 2 of its 5 steps and the refiner use agents first)."""
+    agentsd.apply_patch(sdxl_pipe)
+    calls = record_stages(sdxl_pipe.unet)
+    latents = sdxl_pipe("a cat", num_inference_steps=10, height=32, width=32, denoising_end=0.5, output_type="latent").images
+    assert calls == [0] * 4 + [1]
+    calls.clear()
+    refiner = StableDiffusionXLImg2ImgPipeline(**sdxl_pipe.components)
+    refiner("a cat", image=latents, num_inference_steps=10, denoising_start=0.5, output_type="latent")
+    assert calls == [1] * 5
 
 
 def test_pipelines_sharing_a_unet_follow_their_own_schedulers(sd_pipe):
