@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import UNet2DModel, UNetMotionModel
+from diffusers import UNet2DModel, UNetControlNetXSModel, UNetMotionModel
 
 import agentsd
 from agentsd.models import unet_from_config
@@ -71,14 +71,21 @@ def test_unsupported_models(sd_pipe):
     with pytest.raises(TypeError, match="UNet2DConditionModel"):
         agentsd.apply_patch(UNet2DModel(sample_size=8, block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
                                         up_block_types=("UpBlock2D",) * 2, norm_num_groups=8))
-    # AnimateDiff's motion UNet has BasicTransformerBlocks, spatial and temporal, but is no UNet2DConditionModel
+    # AnimateDiff's and ControlNet-XS's UNets have BasicTransformerBlocks but are no UNet2DConditionModel
     motion = UNetMotionModel(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
                              motion_num_attention_heads=2, motion_max_seq_length=8,
                              down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
                              up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"))  # fmt: skip
-    with pytest.raises(TypeError, match="got UNetMotionModel"):
-        agentsd.apply_patch(motion)
-    assert all(not m._forward_pre_hooks and "forward" not in m.__dict__ for m in motion.modules())
+    controlnet_xs = UNetControlNetXSModel(
+        sample_size=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(4, 8), cross_attention_dim=8, num_attention_heads=2, norm_num_groups=4,
+        ctrl_block_out_channels=[2, 4], ctrl_num_attention_heads=4, ctrl_max_norm_num_groups=2,
+        ctrl_conditioning_embedding_out_channels=(2, 2),
+    )  # fmt: skip
+    for unet in (motion, controlnet_xs):
+        with pytest.raises(TypeError, match=f"got {type(unet).__name__}"):
+            agentsd.apply_patch(unet)
+        assert all(not m._forward_pre_hooks and "forward" not in m.__dict__ for m in unet.modules())
     sd_pipe.unet = None  # like a transformer-based pipeline (SD3, Flux): no UNet
     with pytest.raises(TypeError, match="StableDiffusionPipeline has vae=AutoencoderKL"):
         agentsd.apply_patch(sd_pipe)
