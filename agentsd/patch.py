@@ -274,6 +274,9 @@ class PatchedBlock:
         # What was on the instances before (a forward that a hook put there, say): called beneath the
         # patch, and restored by remove.
         self.forward_beneath = block.__dict__.get("forward")
+        # The class's forward as a plain function: torch 2.13's dynamo cannot trace
+        # type(block).forward(block, ...) (it raises under fullgraph), but inlines a function.
+        self.class_forward = type(block).forward
         self.set_processor_beneath = attn.__dict__.get("set_processor")
         self.replaced = [(block, "forward", self.forward_beneath)]
         if self.merges_attn1:
@@ -366,7 +369,7 @@ class PatchedBlock:
         """The block's forward as it was before the patch."""
         if self.forward_beneath is not None:
             return self.forward_beneath(*args, **kwargs)
-        return type(self.block).forward(self.block, *args, **kwargs)
+        return self.class_forward(self.block, *args, **kwargs)
 
     def self_attention(self, h, residual):
         """block.attn1(h) + residual in lean_forward."""

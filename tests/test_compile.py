@@ -2,15 +2,19 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor
 from torch._dynamo.utils import counters
 
 import agentsd
 from agentsd import kernels
-from agentsd.models import unet_from_config
+from agentsd.models import tiny_pipeline, unet_from_config
 from conftest import run_unet, unet_inputs
+from ip_adapters import image_embeds, ip_adapter_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +33,41 @@ def test_compiled_equals_eager_without_graph_breaks(kind, backend):
     eager = run_unet(unet, inputs)
     compiled = torch.compile(unet, backend=backend, fullgraph=True)  # fullgraph raises on any graph break
     torch.testing.assert_close(run_unet(compiled, inputs), eager, rtol=1e-4, atol=1e-4)
+    assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("change", ["chunked feed-forward", "attn2 processor"])
+def test_blocks_on_diffusers_forward_compile_without_graph_breaks(change):
+    """Blocks that lean_forward does not run (chunked feed-forward, another processor on attn2 as
+    IP-Adapter sets, masks, hooks) run diffusers' forward beneath the patch, merged or not: compiled
+    too, with no graph break (torch 2.13's dynamo cannot trace type(block).forward(block, ...))."""
+    unet = unet_from_config("sd15", tiny=True).eval()
+    agentsd.apply_patch(unet, 0.5, sx=4, sy=4, agent_ratio=0.95, seed=0)
+    for block in (m for m in unet.modules() if isinstance(m, BasicTransformerBlock)):
+        if change == "chunked feed-forward":
+            block.set_chunk_feed_forward(1, dim=1)  # chunks of 1: any merged length divides
+        else:
+            block.attn2.set_processor(AttnProcessor())
+    inputs = unet_inputs("sd15", latent=(12, 12))
+    eager = run_unet(unet, inputs)
+    compiled = torch.compile(unet, backend="eager", fullgraph=True)  # fullgraph raises on any graph break
+    torch.testing.assert_close(run_unet(compiled, inputs), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_ip_adapter_compiles_to_the_eager_images():
+    """IP-Adapter's processors on attn2 send every block to diffusers' forward: merged, compiled with
+    fullgraph, the images of the eager pipeline."""
+    pipe = tiny_pipeline("sd15")
+    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet), subfolder="", weight_name="", image_encoder_folder=None)
+    agentsd.apply_patch(pipe, 0.5, seed=0)
+
+    def generate():
+        return pipe("a cat", num_inference_steps=4, height=64, width=64, output_type="np", ip_adapter_image_embeds=[image_embeds("plain")],
+                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    eager = generate()
+    pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)
+    np.testing.assert_allclose(generate(), eager, atol=1e-6)
     assert not counters["graph_break"]
 
 
