@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
+from diffusers import StableDiffusionPAGPipeline
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import AttnProcessor
 from torch._dynamo.utils import counters
 
 import agentsd
@@ -36,34 +36,53 @@ def test_compiled_equals_eager_without_graph_breaks(kind, backend):
     assert not counters["graph_break"]
 
 
-@pytest.mark.parametrize("change", ["chunked feed-forward", "attn2 processor"])
-def test_blocks_on_diffusers_forward_compile_without_graph_breaks(change):
-    """Blocks that lean_forward does not run (chunked feed-forward, another processor on attn2 as
-    IP-Adapter sets, masks, hooks) run diffusers' forward beneath the patch, merged or not: compiled
-    too, with no graph break (torch 2.13's dynamo cannot trace type(block).forward(block, ...))."""
-    unet = unet_from_config("sd15", tiny=True).eval()
-    agentsd.apply_patch(unet, 0.5, sx=4, sy=4, agent_ratio=0.95, seed=0)
-    for block in (m for m in unet.modules() if isinstance(m, BasicTransformerBlock)):
-        if change == "chunked feed-forward":
-            block.set_chunk_feed_forward(1, dim=1)  # chunks of 1: any merged length divides
-        else:
-            block.attn2.set_processor(AttnProcessor())
-    inputs = unet_inputs("sd15", latent=(12, 12))
-    eager = run_unet(unet, inputs)
-    compiled = torch.compile(unet, backend="eager", fullgraph=True)  # fullgraph raises on any graph break
-    torch.testing.assert_close(run_unet(compiled, inputs), eager, rtol=1e-4, atol=1e-4)
-
-
-def test_ip_adapter_compiles_to_the_eager_images():
-    """IP-Adapter's processors on attn2 send every block to diffusers' forward: merged, compiled with
-    fullgraph, the images of the eager pipeline."""
-    pipe = tiny_pipeline("sd15")
+def _ip_adapter(pipe):
     pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet), subfolder="", weight_name="", image_encoder_folder=None)
+    return pipe, dict(ip_adapter_image_embeds=[image_embeds("plain")])
+
+
+def _chunked_feed_forward(pipe):
+    for block in (m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)):
+        block.set_chunk_feed_forward(1, dim=1)  # chunks of 1: any merged length divides
+    return pipe, {}
+
+
+def _attention_slicing(pipe):
+    pipe.enable_attention_slicing(1)
+    return pipe, {}
+
+
+def _fused_qkv(pipe):
+    pipe.fuse_qkv_projections()
+    return pipe, {}
+
+
+def _default_processor(pipe):
+    pipe.unet.set_default_attn_processor()
+    return pipe, {}
+
+
+def _pag(pipe):
+    return StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=["down"]), dict(pag_scale=2.0)
+
+
+# Each sends blocks to diffusers' forward beneath the patch, which torch 2.13's dynamo could not
+# trace when called as type(block).forward(block, ...).
+FEATURES = {
+    "ip-adapter": _ip_adapter, "chunked feed-forward": _chunked_feed_forward, "attention slicing": _attention_slicing,
+    "fused qkv": _fused_qkv, "default processor": _default_processor, "pag": _pag,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_diffusers_features_compile_to_the_eager_images(feature):
+    """Merging, compiled with fullgraph (no graph break), the images of the eager pipeline."""
+    pipe, kwargs = FEATURES[feature](tiny_pipeline("sd15"))
     agentsd.apply_patch(pipe, 0.5, seed=0)
 
     def generate():
-        return pipe("a cat", num_inference_steps=4, height=64, width=64, output_type="np", ip_adapter_image_embeds=[image_embeds("plain")],
-                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        return pipe("a cat", num_inference_steps=4, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images  # fmt: skip
 
     eager = generate()
     pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)
