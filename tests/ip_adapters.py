@@ -15,6 +15,12 @@ def ip_adapter_state_dict(unet, kind: str = "plain", seed: int = 0) -> dict:
     return {"image_proj": _image_projection(kind, dim, g), "ip_adapter": _cross_attention_weights(unet, g)}
 
 
+def load_ip_adapter(pipe, kind: str = "plain") -> None:
+    """A tiny random IP-Adapter of `kind` loaded into `pipe` as a user loads a checkpoint (no image
+    encoder: calls pass ip_adapter_image_embeds)."""
+    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, kind), subfolder="", weight_name="", image_encoder_folder=None)
+
+
 def image_embeds(kind: str, batch: int = 1, seed: int = 1) -> torch.Tensor:
     """What `ip_adapter_image_embeds=[...]` takes: negative and positive embeddings, (2 * batch, 1, ...)."""
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ import agentsd
 from agentsd import kernels
 from agentsd.models import tiny_pipeline, unet_from_config
 from conftest import run_unet, unet_inputs
-from ip_adapters import image_embeds, ip_adapter_state_dict
+from ip_adapters import image_embeds, load_ip_adapter
 
 
 @pytest.fixture(autouse=True)
@@ -36,49 +36,31 @@ def test_compiled_equals_eager_without_graph_breaks(kind, backend):
     assert not counters["graph_break"]
 
 
-def _ip_adapter(pipe):
-    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet), subfolder="", weight_name="", image_encoder_folder=None)
-    return pipe, dict(ip_adapter_image_embeds=[image_embeds("plain")])
-
-
-def _chunked_feed_forward(pipe):
+def _chunk_feed_forward(pipe):
     for block in (m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)):
         block.set_chunk_feed_forward(1, dim=1)  # chunks of 1: any merged length divides
-    return pipe, {}
 
 
-def _attention_slicing(pipe):
-    pipe.enable_attention_slicing(1)
-    return pipe, {}
-
-
-def _fused_qkv(pipe):
-    pipe.fuse_qkv_projections()
-    return pipe, {}
-
-
-def _default_processor(pipe):
-    pipe.unet.set_default_attn_processor()
-    return pipe, {}
-
-
-def _pag(pipe):
-    return StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=["down"]), dict(pag_scale=2.0)
-
-
-# Each sends blocks to diffusers' forward beneath the patch, which torch 2.13's dynamo could not
-# trace when called as type(block).forward(block, ...).
+# Each sends blocks to diffusers' forward beneath the patch, which torch 2.13's dynamo could not trace
+# when called as type(block).forward(block, ...): (what it does to the pipeline, or the pipeline it
+# builds from it; what the call adds).
 FEATURES = {
-    "ip-adapter": _ip_adapter, "chunked feed-forward": _chunked_feed_forward, "attention slicing": _attention_slicing,
-    "fused qkv": _fused_qkv, "default processor": _default_processor, "pag": _pag,
-}  # fmt: skip
+    "ip-adapter": (load_ip_adapter, dict(ip_adapter_image_embeds=[image_embeds("plain")])),
+    "chunked feed-forward": (_chunk_feed_forward, {}),
+    "attention slicing": (lambda pipe: pipe.enable_attention_slicing(1), {}),
+    "fused qkv": (lambda pipe: pipe.fuse_qkv_projections(), {}),
+    "default processor": (lambda pipe: pipe.unet.set_default_attn_processor(), {}),
+    "pag": (lambda pipe: StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=["down"]), dict(pag_scale=2.0)),
+}
 
 
 @pytest.mark.parametrize("feature", FEATURES)
 def test_diffusers_features_compile_to_the_eager_images(feature):
     """Merging, compiled with fullgraph (no graph break), the images of the eager pipeline."""
-    pipe, kwargs = FEATURES[feature](tiny_pipeline("sd15"))
-    agentsd.apply_patch(pipe, 0.5, seed=0)
+    change, kwargs = FEATURES[feature]
+    pipe = tiny_pipeline("sd15")
+    built = change(pipe)
+    pipe = agentsd.apply_patch(pipe if built is None else built, 0.5, seed=0)
 
     def generate():
         return pipe("a cat", num_inference_steps=4, height=64, width=64, output_type="np",

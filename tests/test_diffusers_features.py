@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 import agentsd
 from agentsd.attention import AgentSDAttnProcessor
 from agentsd.models import tiny_pipeline
-from ip_adapters import image_embeds, ip_adapter_state_dict
+from ip_adapters import image_embeds, load_ip_adapter
 
 PATCH = dict(ratio=0.5, seed=0)  # the paper's schedule: both stages run in 4 steps
 
@@ -39,10 +39,6 @@ def assert_agentsd_on(unet):
     """Every merged block's attn1 runs agentsd's processor, and a call merges tokens in it."""
     attns = merged_attn1(unet)
     assert attns and all(isinstance(a.processor, AgentSDAttnProcessor) for a in attns)
-
-
-def load_ip_adapter(pipe, kind):
-    pipe.load_ip_adapter(ip_adapter_state_dict(pipe.unet, kind), subfolder="", weight_name="", image_encoder_folder=None)
 
 
 # ---------------------------------------------------------------- IP-Adapter
