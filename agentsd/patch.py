@@ -226,7 +226,8 @@ class UNetPatch:
         call.timestep = timestep.to(sample.device) if torch.is_tensor(timestep) else timestep
 
     def after_unet(self, unet, args, output) -> None:
-        self.call.timestep = None
+        # a block called on its own after this call runs unpatched, as before the first call
+        self.call.latent = self.call.timestep = None
 
     def plan_for(self, x: torch.Tensor):
         """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched."""

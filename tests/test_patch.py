@@ -178,16 +178,18 @@ def _slice(kwargs, batch):
 
 
 def test_block_called_outside_a_unet_call_runs_unpatched():
-    """A merged level's block called on its own (no UNet call in this thread, so no latent size or
-    stage) gives the unpatched block's output, and a later UNet call still merges."""
+    """A merged level's block called on its own (no UNet call running in this thread, so no latent
+    size or stage) gives the unpatched block's output, before the first UNet call and after one, and
+    a UNet call between still merges."""
     unet = tiny_unet("sd15")
     _, block = transformer_blocks(unet)[0]
-    hidden = torch.randn(2, 64, block.attn1.inner_dim, generator=torch.Generator().manual_seed(0))
+    inputs = unet_inputs("sd15")  # a 10 x 14 latent: the top level's blocks see 140 tokens, as `hidden`
+    hidden = torch.randn(2, 10 * 14, block.attn1.inner_dim, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
-    inputs = unet_inputs("sd15")
     with torch.no_grad():
         expected = block(hidden, encoder_hidden_states=context)
         plain = run_unet(unet, inputs)
         agentsd.apply_patch(unet, 0.5, sx=2, sy=2, agent_ratio=0.5, seed=0)
         torch.testing.assert_close(block(hidden, encoder_hidden_states=context), expected, rtol=0, atol=0)
         assert not torch.equal(run_unet(unet, inputs), plain)
+        torch.testing.assert_close(block(hidden, encoder_hidden_states=context), expected, rtol=0, atol=0)
