@@ -216,11 +216,13 @@ def steady_rows(config: str, mode: str, methods: list[str], args) -> list[dict]:
     pipes = {m: method_pipeline(base, m, mode, args) for m in methods}
     weights_gb = sum(p.numel() * p.element_size() for m in (base.unet, base.vae) for p in m.parameters()) / 2**30
     rows = {m: dict(config=config, mode=mode, method=m, steps=steps, seconds=[], weights_gb=weights_gb) for m in methods}
-    for method, pipe in pipes.items():  # warm-up, memory and the finite check, one method at a time
+    for method, pipe in pipes.items():  # warm-up, the finite check and memory, one method at a time
         row, outputs, tuned = rows[method], [], tuning_seconds()
-        row["warmup_s"] = timed(lambda: outputs.append(generate(pipe, steps, call, memory=row)))
+        row["warmup_s"] = timed(lambda: outputs.append(generate(pipe, steps, call)))
         row["warmup_tuning_s"] = tuning_seconds() - tuned
         row["finite"] = bool(torch.isfinite(outputs[0]).all())
+        # memory of a warm image: the warm-up's peaks hold kernel tuning and CUDA graph recording
+        generate(pipe, steps, call, memory=row)
     for round_ in range(args.rounds):
         order = methods[round_ % len(methods) :] + methods[: round_ % len(methods)]
         for method in order:
@@ -315,7 +317,7 @@ def markdown(rows: list[dict], head: dict) -> str:
             f"{'yes' if r['finite'] else 'NO'} |"
         )
     lines += ["", "Speed-up: the median over rounds of the baseline's seconds over the method's in the same round. "
-              "Memory: peaks above the weights held before the call. First image: a fresh process, model "
+              "Memory: peaks of the image after the warm-up, above what was held before it. First image: a fresh process, model "
               "building excluded; in brackets with empty kernel and compile caches. Warm-up: this process's first "
               "image (compiling included), in brackets its seconds of kernel tuning."]  # fmt: skip
     return "\n".join(lines) + "\n"

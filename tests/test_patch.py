@@ -10,7 +10,7 @@ from diffusers.models.attention import BasicTransformerBlock
 import agentsd
 from agentsd.attention import AgentSDAttnProcessor
 from agentsd.patch import transformer_blocks
-from conftest import run_unet, tiny_unet, unet_inputs
+from conftest import DEVICE, run_unet, tiny_unet, unet_inputs
 from reference import reference_block_forward
 
 AGENT_STAGE = dict(sx=4, sy=4, agent_ratio=0.95)
@@ -184,8 +184,8 @@ def test_block_called_outside_a_unet_call_runs_unpatched():
     unet = tiny_unet("sd15")
     _, block = transformer_blocks(unet)[0]
     inputs = unet_inputs("sd15")  # a 10 x 14 latent: the top level's blocks see 140 tokens, as `hidden`
-    hidden = torch.randn(2, 10 * 14, block.attn1.inner_dim, generator=torch.Generator().manual_seed(0))
-    context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    hidden = torch.randn(2, 10 * 14, block.attn1.inner_dim, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         expected = block(hidden, encoder_hidden_states=context)
         plain = run_unet(unet, inputs)
