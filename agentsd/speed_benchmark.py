@@ -317,9 +317,9 @@ def markdown(rows: list[dict], head: dict) -> str:
             f"{'yes' if r['finite'] else 'NO'} |"
         )
     lines += ["", "Speed-up: the median over rounds of the baseline's seconds over the method's in the same round. "
-              "Memory: peaks of the image after the warm-up, above what was held before it. First image: a fresh process, model "
-              "building excluded; in brackets with empty kernel and compile caches. Warm-up: this process's first "
-              "image (compiling included), in brackets its seconds of kernel tuning."]  # fmt: skip
+              "Memory: peaks of the image after the warm-up, above what was held before it. First image: a fresh "
+              "process, model building excluded; in brackets with empty kernel and compile caches. Warm-up: this "
+              "process's first image (compiling included), in brackets its seconds of kernel tuning."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -91,11 +91,23 @@ def test_unsupported_models(sd_pipe):
         agentsd.apply_patch(sd_pipe)
 
 
-def test_unet_without_transformer_blocks():
+# UNet2DConditionModels whose attention is not in transformer blocks: plain ResNets (the x2 latent
+# upscaler's K blocks are alike), and Kandinsky 2.x's and DeepFloyd IF's attention with added K/V
+# (the configs of diffusers' Kandinsky 2.2 tests)
+NO_TRANSFORMER_BLOCKS = {
+    "DownBlock2D": dict(down_block_types=["DownBlock2D"] * 4, up_block_types=["UpBlock2D"] * 4, mid_block_type=None),
+    "ResnetDownsampleBlock2D, SimpleCrossAttnDownBlock2D": dict(
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"], block_out_channels=(32, 64),
+        up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"], mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        attention_head_dim=4, resnet_time_scale_shift="scale_shift"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kinds", NO_TRANSFORMER_BLOCKS)
+def test_unet_without_transformer_blocks(kinds):
     unet = unet_from_config("sd15", tiny=True)
-    plain = type(unet)(**{**unet.config, "down_block_types": ["DownBlock2D"] * 4, "up_block_types": ["UpBlock2D"] * 4,
-                          "mid_block_type": None})  # fmt: skip
-    with pytest.raises(ValueError, match="no transformer blocks .*; its down blocks: DownBlock2D$"):
+    plain = type(unet)(**{**unet.config, **NO_TRANSFORMER_BLOCKS[kinds]})
+    with pytest.raises(ValueError, match=f"no transformer blocks .*; its down blocks: {kinds}$"):
         agentsd.apply_patch(plain, **FIXED)
     assert not agentsd.is_patched(plain)
 

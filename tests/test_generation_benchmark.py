@@ -95,3 +95,23 @@ def test_compiled_modes_compile_each_methods_own_unet(mode):
         assert blocks and all(block._compiled_call_impl is not None for block in blocks)
     assert all(m._compiled_call_impl is None for m in base.unet.modules())
     assert agentsd.is_patched(pipe) and not agentsd.is_patched(base)
+
+
+def test_memory_is_read_from_an_image_after_the_warm_up(monkeypatch):
+    """The warm-up image's peaks hold kernel tuning, compiling and CUDA graph recording: the loop's and
+    the decode's peaks come from a later image of the same pipeline, before the timed rounds."""
+    calls = []  # (pipeline, whether memory is read) per image, in order
+    generate = speed_benchmark.generate
+
+    def recording(pipe, steps, call, memory=None):
+        calls.append((pipe, memory is not None))
+        return generate(pipe, steps, call, memory=memory)
+
+    monkeypatch.setattr(speed_benchmark, "generate", recording)
+    args = speed_benchmark.parse_args(["--rounds", "1", "--methods", "agentsd"])
+    speed_benchmark.steady_rows("tiny", "eager", args.methods, args)
+    pipes = list(dict.fromkeys(pipe for pipe, _ in calls))
+    assert len(pipes) == 2
+    for pipe in pipes:
+        own = [reads for p, reads in calls if p is pipe]
+        assert own == [False, True, False]  # warm-up, the image whose memory is read, one timed round
