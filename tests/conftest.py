@@ -96,3 +96,9 @@ def run_unet(unet, inputs):
     sample, timestep, context, kwargs = inputs
     with torch.no_grad():
         return unet(sample, timestep, context, **kwargs).sample
+
+
+def generate(pipe, steps=4, size=32, **kwargs):
+    """Images of a tiny pipeline as a numpy array, from seed 0 unless `generator` is given."""
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    return pipe("a cat", num_inference_steps=steps, height=size, width=size, output_type="np", **kwargs).images

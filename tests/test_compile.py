@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 import agentsd
 from agentsd import kernels
 from agentsd.models import tiny_pipeline, unet_from_config
-from conftest import run_unet, unet_inputs
+from conftest import generate, run_unet, unet_inputs
 from ip_adapters import image_embeds, load_ip_adapter
 
 
@@ -61,14 +61,9 @@ def test_diffusers_features_compile_to_the_eager_images(feature):
     pipe = tiny_pipeline("sd15")
     built = change(pipe)
     pipe = agentsd.apply_patch(pipe if built is None else built, 0.5, seed=0)
-
-    def generate():
-        return pipe("a cat", num_inference_steps=4, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0), **kwargs).images  # fmt: skip
-
-    eager = generate()
+    eager = generate(pipe, size=64, **kwargs)
     pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)
-    np.testing.assert_allclose(generate(), eager, atol=1e-6)
+    np.testing.assert_allclose(generate(pipe, size=64, **kwargs), eager, atol=1e-6)
     assert not counters["graph_break"]
 
 

@@ -21,14 +21,10 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 import agentsd
 from agentsd.attention import AgentSDAttnProcessor
 from agentsd.models import tiny_pipeline
+from conftest import generate
 from ip_adapters import image_embeds, load_ip_adapter
 
 PATCH = dict(ratio=0.5, seed=0)  # the paper's schedule: both stages run in 4 steps
-
-
-def generate(pipe, steps=4, **kwargs):
-    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
-    return pipe("a cat", num_inference_steps=steps, height=32, width=32, output_type="np", **kwargs).images
 
 
 def merged_attn1(unet):
