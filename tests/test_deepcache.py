@@ -3,7 +3,8 @@ disabling, the schedule still following the scheduler, and the two limits of the
 
 import numpy as np
 import pytest
-import torch
+
+import conftest
 
 import agentsd
 from agentsd.models import tiny_pipeline
@@ -14,9 +15,8 @@ DeepCache = pytest.importorskip("DeepCache")
 PATCH = dict(ratio=0.5, seed=0, min_tokens=0)  # explicit: the module-scoped references run before conftest sets it
 
 
-def generate(pipe, steps=9):
-    return pipe("a cat", num_inference_steps=steps, height=32, width=32, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+def generate(pipe, steps=9):  # enough steps for several cache intervals
+    return conftest.generate(pipe, steps)
 
 
 def deepcache(pipe, interval=3):
