@@ -142,7 +142,8 @@ def test_bare_unet_in_a_loop_over_scheduler_timesteps(sd_pipe):
 
 @pytest.mark.parametrize(
     "scheduler",
-    [*DDIMScheduler.from_config(DDIMScheduler().config).compatibles, LCMScheduler, TCDScheduler],
+    # sorted: `compatibles` comes from a set, and pytest-xdist's workers must collect one order
+    sorted([*DDIMScheduler.from_config(DDIMScheduler().config).compatibles, LCMScheduler, TCDScheduler], key=lambda c: c.__name__),
     ids=lambda cls: cls.__name__,
 )
 def test_every_scheduler_hands_out_views_of_its_timesteps(sd_pipe, scheduler):
