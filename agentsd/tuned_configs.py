@@ -6,8 +6,14 @@ One small JSON file per (GPU, kernels source, kernel, shape and dtype), in the u
 whole to a temporary name and renamed into place, so two processes that tune at once never leave a
 torn file: the last rename wins, and both chose a valid config. A folder that cannot be written only
 means tuning again next time.
+
+Configs tuned on the GPUs agentsd is measured on ship with the package (`data/kernel_configs/`, one
+JSON file per GPU model, written by `scripts/collect_kernel_configs.py`), so that on those GPUs even
+the first process on a new machine does not tune at the common sizes. They are read after the
+user's cache, and only while they were tuned for this very source of the kernels.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +25,7 @@ import torch
 from .files import write_whole
 
 _KERNELS = Path(__file__).with_name("kernels")  # the package whose source a config was tuned for
+SHIPPED = Path(__file__).with_name("data") / "kernel_configs"
 
 
 def cache_dir() -> Path:
@@ -27,16 +34,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agentsd"
 
 
+def gpu_name(device: torch.device) -> str:
+    """The GPU model configs are kept for, as a file name."""
+    if device.type != "cuda":
+        return "interpreter"  # Triton's interpreter
+    major, minor = torch.cuda.get_device_capability(device)
+    return _safe(f"{torch.cuda.get_device_name(device)}-sm{major}{minor}")
+
+
 def _folder(device: torch.device, kernel: str) -> Path:
     """Configs of `kernel` for this GPU model and this version of the kernels' source."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        major, minor = torch.cuda.get_device_capability(device)
-        gpu = f"{name}-sm{major}{minor}"
-    else:  # Triton's interpreter
-        gpu = "interpreter"
-    source = _source_hash()
-    return cache_dir() / "kernel-configs" / _safe(gpu) / f"{kernel}-{source}"
+    return cache_dir() / "kernel-configs" / gpu_name(device) / f"{kernel}-{_source_hash()}"
 
 
 def _source_hash() -> str:
@@ -47,16 +55,43 @@ def _source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def _key_name(key: tuple) -> str:
+    return _safe("-".join(map(str, key)))
+
+
 def _file(device: torch.device, kernel: str, key: tuple) -> Path:
-    return _folder(device, kernel) / (_safe("-".join(map(str, key))) + ".json")
+    return _folder(device, kernel) / (_key_name(key) + ".json")
 
 
 def load(device: torch.device, kernel: str, key: tuple) -> dict | None:
-    """The config stored for `key`, as Triton's Config.all_kwargs() gave it, or None."""
+    """The config stored for `key`, as Triton's Config.all_kwargs() gave it (the user's cache first,
+    then the package's), or None."""
     try:
         return json.loads(_file(device, kernel, key).read_text())
     except (OSError, ValueError):
-        return None
+        return shipped(gpu_name(device)).get(f"{kernel}/{_key_name(key)}")
+
+
+@functools.cache
+def shipped(gpu: str) -> dict:
+    """{"kernel/key": config} shipped for this GPU model and this source of the kernels, else {}."""
+    try:
+        table = json.loads((SHIPPED / f"{gpu}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return table["configs"] if table.get("source") == _source_hash() else {}
+
+
+def collected(device: torch.device) -> dict:
+    """The package's table for this GPU model, from the configs in the user's cache for this source
+    (what scripts/collect_kernel_configs.py writes to data/kernel_configs/)."""
+    folder = cache_dir() / "kernel-configs" / gpu_name(device)
+    suffix = f"-{_source_hash()}"
+    configs = {
+        f"{path.parent.name.removesuffix(suffix)}/{path.stem}": json.loads(path.read_text())
+        for path in sorted(folder.glob(f"*{suffix}/*.json"))
+    }
+    return {"gpu": gpu_name(device), "source": _source_hash(), "configs": configs}
 
 
 def store(device: torch.device, kernel: str, key: tuple, config: dict) -> None:

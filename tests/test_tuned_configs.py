@@ -28,6 +28,10 @@ PROCESS = textwrap.dedent(
         return tuned.configs[-1]
 
     matching._autotune = fake_autotune
+    if len(sys.argv) > 3:  # the package's configs, from this folder
+        from pathlib import Path
+        from agentsd import tuned_configs
+        tuned_configs.SHIPPED = Path(sys.argv[3])
     height, width = map(int, sys.argv[1:3])
     x = torch.randn(2, height * width, 32)
     for tuned in (matching_kernels._best_destination_kernel, matching_kernels._best_destination_resident_kernel):
@@ -37,10 +41,10 @@ PROCESS = textwrap.dedent(
 )
 
 
-def tuner_calls(cache, height=8, width=8, seconds=None) -> int:
+def tuner_calls(cache, height=8, width=8, seconds=None, shipped=None) -> int:
     env = dict(os.environ, AGENTSD_CACHE_DIR=str(cache), TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", PROCESS, str(height), str(width)], env=env, capture_output=True,
-                            text=True, check=True)  # fmt: skip
+    command = [sys.executable, "-c", PROCESS, str(height), str(width), *([str(shipped)] if shipped else [])]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     calls, tuned_seconds = result.stdout.split()[-2:]
     if seconds is not None:  # what the process reports as its time spent tuning (the benchmark's column)
         seconds.append(float(tuned_seconds))
@@ -78,3 +82,29 @@ def test_configs_follow_every_file_of_the_kernels_package(tmp_path, monkeypatch)
     first = tuned_configs._source_hash()
     (tmp_path / "b.py").write_text("b changed")
     assert tuned_configs._source_hash() != first
+
+
+def test_shipped_configs_spare_the_first_process_tuning(tmp_path, monkeypatch):
+    """A new machine (empty cache) at a size the package has configs for does not tune, while those
+    configs were tuned for this source of the kernels; other sizes still tune."""
+    assert tuner_calls(tmp_path / "collecting") == 2
+    monkeypatch.setenv("AGENTSD_CACHE_DIR", str(tmp_path / "collecting"))
+    table = tuned_configs.collected(kernels.torch.device("cpu"))  # as scripts/collect_kernel_configs.py writes it
+    assert table["gpu"] == "interpreter" and len(table["configs"]) == 2
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "interpreter.json").write_text(json.dumps(table))
+    assert tuner_calls(tmp_path / "new-machine", shipped=shipped) == 0
+    assert not (tmp_path / "new-machine").exists()  # nothing tuned, nothing written
+    assert tuner_calls(tmp_path / "new-machine", 8, 12, shipped=shipped) == 2
+    (shipped / "interpreter.json").write_text(json.dumps(dict(table, source="another source")))
+    assert tuner_calls(tmp_path / "other-machine", shipped=shipped) == 2
+
+
+def test_shipped_tables_are_for_this_source_of_the_kernels():
+    """Every table in the package was tuned for the kernels as they are: after a change to
+    agentsd/kernels/, collect again (scripts/collect_kernel_configs.py on each GPU)."""
+    for path in tuned_configs.SHIPPED.glob("*.json"):
+        table = json.loads(path.read_text())
+        assert table["gpu"] == path.stem and table["configs"]
+        assert table["source"] == tuned_configs._source_hash(), f"{path.name} is stale: collect it again"
