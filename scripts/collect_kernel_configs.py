@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agentsd  # noqa: E402
 from agentsd import kernels, tuned_configs  # noqa: E402
 from agentsd.files import write_whole  # noqa: E402
 from agentsd.kernels import matching  # noqa: E402
-from agentsd.models import CONTEXT, TINY_UNET_CONFIGS, unet_from_config  # noqa: E402
+from agentsd.models import unet_from_config  # noqa: E402
+from unet_call_benchmark import unet_inputs as call_inputs  # noqa: E402
 
 # (height, width) users run, where the default setting merges (min_tokens): SD 1.x/2.x merge their
 # first level (h * w / 64 tokens), SDXL its second (h * w / 256)
@@ -65,7 +67,7 @@ def main(argv=None):
                 for height, width in [(64, 64)] if args.tiny else SIZES[kind]:
                     for step in (0, 40):  # of 50: the agent stage, the ToMe stage
                         timings.label = f"{kind} {height}x{width} {dtype_name} step {step}"
-                        unet(*unet_inputs(unet, kind, height, width, step, args.tiny))
+                        unet(*unet_inputs(unet, kind, height, width, step))
                 del unet
                 torch.cuda.empty_cache() if device.type == "cuda" else None
                 write(out, gpu, tuned_configs.collected(device), timings.rows)  # each model's as it is done
@@ -122,20 +124,12 @@ def markdown(rows: list[dict], gpu: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unet_inputs(unet, kind: str, height: int, width: int, step: int, tiny: bool):
+def unet_inputs(unet, kind: str, height: int, width: int, step: int):
     """Positional UNet arguments of one CFG call at step `step` of a 50-step list of timesteps."""
-    batch, dtype, device = 2, unet.dtype, unet.device
-    text_len, context_width = (77, TINY_UNET_CONFIGS[kind]["cross_attention_dim"]) if tiny else CONTEXT[kind]
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, 4, height // 8, width // 8, generator=g).to(device, dtype)
-    context = torch.randn(batch, text_len, context_width, generator=g).to(device, dtype)
-    added = None
-    if kind == "sdxl":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        added = {"text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
-                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch, device=device, dtype=dtype)}  # fmt: skip
-    timesteps = torch.linspace(999, 0, 50, device=device).long()  # the stage follows the index in this list
-    return sample, timesteps[step], context, None, None, None, None, added
+    inputs = list(call_inputs(unet, kind, height, unet.device, width))
+    timesteps = torch.linspace(999, 0, 50, device=unet.device).long()  # the stage follows the index in this list
+    inputs[1] = timesteps[step]
+    return inputs
 
 
 if __name__ == "__main__":

@@ -116,20 +116,19 @@ def main(argv=None):
     write_outputs(Path(args.out), rows, memory_rows, device)
 
 
-def unet_inputs(unet, kind, size, device):
-    """Positional arguments of UNet2DConditionModel.forward for one CFG call."""
-    batch, dtype = 2, unet.dtype
-    latent = size // 8
-    text_len, width = (77, TINY_UNET_CONFIGS[kind]["cross_attention_dim"]) if unet.config.block_out_channels[0] < 64 else CONTEXT[kind]
+def unet_inputs(unet, kind, size, device, width=None):
+    """Positional arguments of UNet2DConditionModel.forward for one CFG call at size x (width or size)."""
+    batch, dtype, width = 2, unet.dtype, width or size
+    text_len, context_width = (77, TINY_UNET_CONFIGS[kind]["cross_attention_dim"]) if unet.config.block_out_channels[0] < 64 else CONTEXT[kind]
     g = torch.Generator(device="cpu").manual_seed(0)
-    sample = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
-    context = torch.randn(batch, text_len, width, generator=g).to(device, dtype)
+    sample = torch.randn(batch, 4, size // 8, width // 8, generator=g).to(device, dtype)
+    context = torch.randn(batch, text_len, context_width, generator=g).to(device, dtype)
     added = None
     if kind == "sdxl":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         added = {
             "text_embeds": torch.randn(batch, pooled, generator=g).to(device, dtype),
-            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[size, width, 0, 0, size, width]] * batch, device=device, dtype=dtype),
         }
     # positional, as pipelines call it (tomesd's hook reads the sample from args[0])
     return sample, torch.tensor(981, device=device), context, None, None, None, None, added
