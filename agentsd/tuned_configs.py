@@ -42,9 +42,13 @@ def gpu_name(device: torch.device) -> str:
     return _safe(f"{torch.cuda.get_device_name(device)}-sm{major}{minor}")
 
 
+def _gpu_folder(device: torch.device) -> Path:
+    return cache_dir() / "kernel-configs" / gpu_name(device)
+
+
 def _folder(device: torch.device, kernel: str) -> Path:
     """Configs of `kernel` for this GPU model and this version of the kernels' source."""
-    return cache_dir() / "kernel-configs" / gpu_name(device) / f"{kernel}-{_source_hash()}"
+    return _gpu_folder(device) / f"{kernel}-{_source_hash()}"
 
 
 def _source_hash() -> str:
@@ -85,11 +89,10 @@ def shipped(gpu: str) -> dict:
 def collected(device: torch.device) -> dict:
     """The package's table for this GPU model, from the configs in the user's cache for this source
     (what scripts/collect_kernel_configs.py writes to data/kernel_configs/)."""
-    folder = cache_dir() / "kernel-configs" / gpu_name(device)
     suffix = f"-{_source_hash()}"
     configs = {
         f"{path.parent.name.removesuffix(suffix)}/{path.stem}": json.loads(path.read_text())
-        for path in sorted(folder.glob(f"*{suffix}/*.json"))
+        for path in sorted(_gpu_folder(device).glob(f"*{suffix}/*.json"))
     }
     return {"gpu": gpu_name(device), "source": _source_hash(), "configs": configs}
 

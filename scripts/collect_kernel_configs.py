@@ -69,16 +69,18 @@ def main(argv=None):
                         timings.label = f"{kind} {height}x{width} {dtype_name} step {step}"
                         unet(*unet_inputs(unet, kind, height, width, step))
                 del unet
-                torch.cuda.empty_cache() if device.type == "cuda" else None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 write(out, gpu, tuned_configs.collected(device), timings.rows)  # each model's as it is done
     print(markdown(timings.rows, gpu))
 
 
 def write(out: Path, gpu: str, table: dict, rows: list[dict]) -> None:
     write_whole(out / f"{gpu}.json", json.dumps(table, indent=1, sort_keys=True) + "\n")
-    (out / f"timings-{gpu}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / f"timings-{gpu}.md").write_text(markdown(rows, gpu))
+    write_whole(out / f"timings-{gpu}.json", json.dumps(rows, indent=1) + "\n")
+    write_whole(out / f"timings-{gpu}.md", markdown(rows, gpu))
     print(f"{len(table['configs'])} configs -> {out / f'{gpu}.json'}", flush=True)
+
 
 class record_timings:
     """Wraps the matching's autotuner call: each tuning's key and every candidate's time (us)."""
