@@ -272,15 +272,22 @@ def first_image(config: str, method: str, mode: str, args) -> dict:
 # ---------------------------------------------------------------- outputs
 
 
-def header(argv) -> dict:
+def header(argv, program: str = "agentsd benchmark speed") -> dict:
+    """Where and how a result was measured: GPU, versions, commit, date and the command line."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     return dict(
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
         **versions(), triton=package_version("triton"),
         commit=commit.stdout.strip() if commit.returncode == 0 else None,
         date=datetime.datetime.now().isoformat(timespec="seconds"),
-        command="agentsd benchmark speed " + " ".join(sys.argv[1:] if argv is None else argv),
+        command=f"{program} " + " ".join(sys.argv[1:] if argv is None else argv),
     )  # fmt: skip
+
+
+def provenance(head: dict) -> str:
+    """header() as the first line of a markdown result."""
+    return (f"{head['gpu']}; torch {head['torch']}, diffusers {head['diffusers']}, Triton {head['triton']}, "
+            f"agentsd {head['agentsd']} ({head['commit']}); {head['date']}")  # fmt: skip
 
 
 COLUMNS = ["config", "mode", "method", "steps", "s_per_image", "speedup", "speedup_min", "speedup_max",
@@ -303,8 +310,7 @@ def write_outputs(out: Path, rows: list[dict], head: dict) -> None:
 
 
 def markdown(rows: list[dict], head: dict) -> str:
-    lines = [f"{head['gpu']}; torch {head['torch']}, diffusers {head['diffusers']}, Triton {head['triton']}, "
-             f"agentsd {head['agentsd']} ({head['commit']}); {head['date']}", "", f"`{head['command']}`", "",
+    lines = [provenance(head), "", f"`{head['command']}`", "",
              "| config | mode | method | steps | s/image | speed-up (min-max) | first image (new machine) | "
              "warm-up (tuning) | loop / decode peak GB | finite |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:

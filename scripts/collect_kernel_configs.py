@@ -29,6 +29,7 @@ from agentsd import kernels, tuned_configs  # noqa: E402
 from agentsd.files import write_whole  # noqa: E402
 from agentsd.kernels import matching  # noqa: E402
 from agentsd.models import unet_from_config  # noqa: E402
+from agentsd.speed_benchmark import header, provenance  # noqa: E402
 from unet_call_benchmark import unet_inputs as call_inputs  # noqa: E402
 
 # (height, width) users run, where the default setting merges (min_tokens): SD 1.x/2.x merge their
@@ -59,6 +60,7 @@ def main(argv=None):
     tuned_configs.shipped = lambda gpu: {}
     timings = record_timings()
     gpu = tuned_configs.gpu_name(device)
+    head = header(argv, program="python scripts/collect_kernel_configs.py")
     with torch.no_grad():
         for dtype_name in args.dtypes:
             for kind in args.kinds:
@@ -71,14 +73,14 @@ def main(argv=None):
                 del unet
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                write(out, gpu, tuned_configs.collected(device), timings.rows)  # each model's as it is done
-    print(markdown(timings.rows, gpu))
+                write(out, gpu, tuned_configs.collected(device), timings.rows, head)  # each model's as it is done
+    print(markdown(timings.rows, gpu, head))
 
 
-def write(out: Path, gpu: str, table: dict, rows: list[dict]) -> None:
+def write(out: Path, gpu: str, table: dict, rows: list[dict], head: dict) -> None:
     write_whole(out / f"{gpu}.json", json.dumps(table, indent=1, sort_keys=True) + "\n")
-    write_whole(out / f"timings-{gpu}.json", json.dumps(rows, indent=1) + "\n")
-    write_whole(out / f"timings-{gpu}.md", markdown(rows, gpu))
+    write_whole(out / f"timings-{gpu}.json", json.dumps(dict(header=head, rows=rows), indent=1) + "\n")
+    write_whole(out / f"timings-{gpu}.md", markdown(rows, gpu, head))
     print(f"{len(table['configs'])} configs -> {out / f'{gpu}.json'}", flush=True)
 
 
@@ -109,10 +111,11 @@ def _median(timing) -> float:
     return timing[0] if isinstance(timing, (list, tuple)) else float(timing)  # Triton: (median, q20, q80)
 
 
-def markdown(rows: list[dict], gpu: str) -> str:
+def markdown(rows: list[dict], gpu: str, head: dict) -> str:
     """Each key's best time, and each fixed config's cost against tuning (its time over the best, the
     worst key and the median of keys)."""
-    lines = [f"# Matching kernels' autotuning on {gpu}", "", "| key | kernel | tokens | best | best us | slowest us |", "|---|---|---|---|---|---|"]
+    lines = [f"# Matching kernels' autotuning on {gpu}", "", provenance(head), "", f"`{head['command']}`", "",
+             "| key | kernel | tokens | best | best us | slowest us |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         finite = [t for t in r["us"].values() if t != float("inf")]
         lines.append(f"| {r['label']} | {r['kernel'].strip('_')} | {r['tokens']} | {r['best']} | {min(finite, default=0):.1f} | {max(finite, default=0):.1f} |")
