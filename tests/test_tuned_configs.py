@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,28 @@ def test_shipped_tables_are_for_this_source_of_the_kernels():
         table = json.loads(path.read_text())
         assert table["gpu"] == path.stem and table["configs"]
         assert table["source"] == tuned_configs._source_hash(), f"{path.name} is stale: collect it again"
+
+
+def test_collect_script_writes_a_table_the_package_reads(tmp_path, monkeypatch):
+    """scripts/collect_kernel_configs.py (tiny UNets in the interpreter): a table for this GPU and this
+    source with one config per tuned key, the timings of each call with how they were measured, and the
+    user's own cache left alone."""
+    out, user_cache = tmp_path / "out", tmp_path / "user-cache"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "collect_kernel_configs.py"
+    env = dict(os.environ, TRITON_INTERPRET="1", AGENTSD_CACHE_DIR=str(user_cache))
+    argv = ["--tiny", "--kinds", "sd15", "--dtypes", "fp16", "--out", str(out)]
+    subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, check=True)
+    table = json.loads((out / "interpreter.json").read_text())
+    timings = json.loads((out / "timings-interpreter.json").read_text())
+    assert table["gpu"] == "interpreter" and table["source"] == tuned_configs._source_hash()
+    assert [r["label"] for r in timings["rows"]] == ["sd15 64x64 fp16 step 0", "sd15 64x64 fp16 step 40"]
+    assert len(table["configs"]) == 2 and all(key.endswith("-float16") for key in table["configs"])
+    assert timings["header"]["command"].endswith(" ".join(argv))
+    assert timings["header"]["command"] in (out / "timings-interpreter.md").read_text()
+    assert not user_cache.exists()
+    monkeypatch.setattr(tuned_configs, "SHIPPED", out)
+    tuned_configs.shipped.cache_clear()
+    try:
+        assert tuned_configs.shipped("interpreter") == table["configs"]
+    finally:
+        tuned_configs.shipped.cache_clear()
