@@ -116,7 +116,7 @@ def test_collect_script_writes_a_table_the_package_reads(tmp_path, monkeypatch):
     source with one config per tuned key, the timings of each call with how they were measured, and the
     user's own cache left alone."""
     out, user_cache = tmp_path / "out", tmp_path / "user-cache"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "collect_kernel_configs.py"
+    script = Path(__file__).parent.parent / "scripts" / "collect_kernel_configs.py"
     env = dict(os.environ, TRITON_INTERPRET="1", AGENTSD_CACHE_DIR=str(user_cache))
     argv = ["--tiny", "--kinds", "sd15", "--dtypes", "fp16", "--out", str(out)]
     subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, check=True)
