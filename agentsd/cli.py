@@ -21,7 +21,7 @@ from .options import (
     remove_made_folders,
     seed,
 )
-from .pipelines import DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS
+from .pipelines import DEEPCACHE_INTERVAL, DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS, uses_deepcache
 
 # apply_patch's keywords as options, to name the option in build_config's messages
 PATCH_OPTIONS = {"agent_ratio": "--agent-ratio", "ratio": "--ratio", "sx": "--sx", "sy": "--sy",
@@ -65,7 +65,8 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-tokens", type=nonnegative_int,
                        help="merge only in blocks with at least this many tokens (default 8192; 0: everywhere)")
     group.add_argument("--deepcache", type=positive_int, metavar="N",
-                       help="also DeepCache's step caching, the full UNet every N steps (3 is its usual setting; "
+                       help="also DeepCache's step caching, the full UNet every N steps (--method deepcache and "
+                            f"agentsd+deepcache: {DEEPCACHE_INTERVAL} unless given, DeepCache's usual setting; "
                             "needs pip install \"agentsd[deepcache]\")")  # fmt: skip
 
 
@@ -130,13 +131,16 @@ def generate(args, parser) -> None:
     prompts = read_prompts(args, parser)
     check_model_arguments(args, parser)
     settings = settings_from(args, parser)
-    if args.deepcache is not None:
+    deepcache = args.deepcache
+    if deepcache is None and uses_deepcache(args.method):  # the method asks for it: DeepCache's usual interval
+        deepcache = DEEPCACHE_INTERVAL
+    if deepcache is not None:
         from .pipelines import check_deepcache_installed
 
         try:
             check_deepcache_installed()
         except ImportError as error:
-            parser.error(f"argument --deepcache: {error}")
+            parser.error(f"argument {'--deepcache' if args.deepcache else '--method'}: {error}")
     exit_if_broken_install(parser)
     from .generate import Job, generate_images, save_png
     from .pipelines import LoadError, load_pipeline, patch_pipeline, resolve_device
@@ -144,7 +148,7 @@ def generate(args, parser) -> None:
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
     try:
         pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
-        patch_pipeline(pipe, settings, deepcache=args.deepcache)
+        patch_pipeline(pipe, settings, deepcache=deepcache)
     except LoadError as error:
         parser.error(str(error))
     except (TypeError, ValueError) as error:  # a pipeline agentsd cannot patch
@@ -161,7 +165,7 @@ def generate(args, parser) -> None:
         parser.error(f"argument --out: {error}")
     common = dict(model=args.model, method=args.method, steps=args.steps, guidance=args.guidance, height=height,
                   width=width, scheduler=type(pipe.scheduler).__name__, dtype=str(dtype).removeprefix("torch."),
-                  settings=settings, deepcache=args.deepcache, version=__version__)  # fmt: skip
+                  settings=settings, deepcache=deepcache, version=__version__)  # fmt: skip
 
     def save(job, image):
         save_png(out / f"{job.index:05d}.png", image, dict(prompt=job.prompt, seed=job.seed, **common))
@@ -178,7 +182,8 @@ def generate(args, parser) -> None:
     per_image = f"{stats.seconds_per_image:.3f} s/image" if stats.seconds_per_image else "n/a"
     memory = f", peak {stats.peak_gb:.2f} GB/image" if stats.peak_gb is not None else ""
     noun = "image" if stats.images == 1 else "images"
-    print(f"{stats.images} {noun} in {out}: {per_image}{memory} ({args.method}, {device})")
+    method = args.method if deepcache is None else f"{args.method}, DeepCache interval {deepcache}"
+    print(f"{stats.images} {noun} in {out}: {per_image}{memory} ({method}, {device})")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:

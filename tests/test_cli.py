@@ -223,7 +223,28 @@ def test_deepcache_composes_and_is_recorded(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "DeepCache" else real(name, *a, **k))
     code, err = run_main(["generate", "x", "--model", "tiny", "--deepcache", "3", "--out", str(tmp_path / "none")], capsys)
     assert_one_line_error(code, err, 'argument --deepcache: DeepCache is not installed: pip install "agentsd[deepcache]"')
+    code, err = run_main(["generate", "x", "--model", "tiny", "--method", "deepcache", "--out", str(tmp_path / "none")], capsys)
+    assert_one_line_error(code, err, 'argument --method: DeepCache is not installed: pip install "agentsd[deepcache]"')
     assert not (tmp_path / "none").exists()
+
+
+def test_deepcache_methods_turn_deepcache_on(tmp_path, capsys):
+    """--method deepcache / agentsd+deepcache are --deepcache 3 (DeepCache's usual interval) over the
+    baseline / agentsd, unless --deepcache says otherwise."""
+    pytest.importorskip("DeepCache")
+
+    def image(name, *args):
+        out = generate(tmp_path / name, "--steps", "6", *args)
+        return np.asarray(Image.open(out / "00000.png")), json.loads(Image.open(out / "00000.png").text["agentsd"])
+
+    capsys.readouterr()
+    cached, metadata = image("deepcache", "--method", "deepcache")
+    assert metadata["deepcache"] == 3 and "(deepcache, DeepCache interval 3, cpu)" in capsys.readouterr().out
+    assert np.array_equal(cached, image("baseline-deepcache", "--method", "baseline", "--deepcache", "3")[0])
+    assert not np.array_equal(cached, image("baseline", "--method", "baseline")[0])
+    composed, metadata = image("composed", "--method", "agentsd+deepcache")
+    assert metadata["deepcache"] == 3 and np.array_equal(composed, image("agentsd-deepcache", "--deepcache", "3")[0])
+    assert image("interval", "--method", "agentsd+deepcache", "--deepcache", "2")[1]["deepcache"] == 2
 
 
 def test_ratio_0_is_the_baseline_bit_for_bit(tmp_path):
