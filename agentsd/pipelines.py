@@ -131,8 +131,12 @@ def patch_settings(method: str, ratio: float, **settings) -> dict:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method in ("baseline", "deepcache"):
         return {}
-    if method == "tome":  # ToMeSD: plain token merging, one 2x2 stride for every step (Bolya & Hoffman 2023)
-        settings = dict(settings, sx=2, sy=2, agent_ratio=0.0, schedule=None)
+    if method == "tome":  # ToMeSD: plain ToMe, one stride for every step, 2x2 unless given (Bolya & Hoffman 2023)
+        if settings.get("agent_ratio"):
+            raise ValueError(f"agent_ratio must be 0 with method 'tome' (plain ToMe), got {settings['agent_ratio']}; "
+                             "agents: method 'agentsd'")  # fmt: skip
+        stride = dict(sx=settings.get("sx") or 2, sy=settings.get("sy") or 2)
+        settings = dict(settings, **stride, agent_ratio=0.0, schedule=None)
     settings = {k: v for k, v in settings.items() if v is not None}
     build_config(ratio=ratio, **settings)
     return dict(settings, ratio=ratio)

@@ -43,6 +43,15 @@ def test_generate_writes_pngs_with_metadata(tmp_path, method, capsys):
     assert "s/image" in capsys.readouterr().out
 
 
+def test_tome_takes_the_given_stride(tmp_path):
+    """--method tome is plain ToMe at the given --sx/--sy (tomesd's parameters), 2x2 by default."""
+    image = lambda out: np.asarray(Image.open(out / "00000.png"))  # noqa: E731
+    strided = generate(tmp_path / "4x4", "--method", "tome", "--sx", "4", "--sy", "4")
+    settings = json.loads(Image.open(strided / "00000.png").text["agentsd"])["settings"]
+    assert (settings["sx"], settings["sy"], settings["agent_ratio"]) == (4, 4, 0.0)
+    assert not np.array_equal(image(strided), image(generate(tmp_path / "2x2", "--method", "tome")))
+
+
 def test_an_image_regenerates_from_its_metadata(tmp_path):
     out = generate(tmp_path, "--seed", "3", "--batch-size", "2", "--sx", "4", "--sy", "4", "--agent-ratio", "0.9")
     meta = json.loads(Image.open(out / "00001.png").text["agentsd"])
@@ -97,6 +106,7 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--k-shortcut", "2"], "--k-shortcut must be in [0, 1]"),
     (["x", "--min-tokens", "-1"], "argument --min-tokens: must be a whole number >= 0"),
     (["x", "--deepcache", "0"], "argument --deepcache: must be a whole number >= 1"),
+    (["x", "--method", "tome", "--agent-ratio", "0.9"], "--agent-ratio must be 0 with method 'tome' (plain ToMe)"),
     (["x", "--max-downsample", "3"], "argument --max-downsample: invalid choice: 3"),
     (["x", "--attn-precision", "fp8"], "argument --attn-precision: invalid choice"),
     (["x", "--scheduler", "fast"], "argument --scheduler: invalid choice"),
