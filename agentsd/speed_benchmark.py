@@ -75,8 +75,9 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--steps", type=int, help="denoising steps (default: 50, 20 at 2048px)")
     parser.add_argument("--rounds", type=int, default=3, help="steady-state images per method")
     parser.add_argument("--deepcache-interval", type=int, default=3, help="DeepCache's cache interval")
-    parser.add_argument("--first-image-methods", nargs="*", default=["baseline", "agentsd"], choices=list(METHODS),
-                        metavar="METHOD", help="methods whose first image is timed in fresh processes (none: skip)")  # fmt: skip
+    parser.add_argument("--first-image-methods", nargs="*", choices=list(METHODS), metavar="METHOD",
+                        help="methods whose first image is timed in fresh processes (default: baseline and agentsd "
+                             "where they run; none: skip)")  # fmt: skip
     parser.add_argument("--out", default="outputs/speed")
     parser.add_argument("--first-image", nargs=3, metavar=("CONFIG", "METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -87,6 +88,11 @@ def parse_args(argv=None, prog=None):
     if args.deepcache_interval < 1:
         parser.error(f"--deepcache-interval must be at least 1, got {args.deepcache_interval}")
     args.methods = list(dict.fromkeys(["baseline", *args.methods]))
+    if args.first_image_methods is None:
+        args.first_image_methods = [m for m in ("baseline", "agentsd") if m in args.methods]
+    for method in args.first_image_methods:  # first images are taken of the methods that run
+        if method not in args.methods:
+            parser.error(f"--first-image-methods {method}: not among --methods ({' '.join(args.methods)}); add it there")
     for method in dict.fromkeys([*args.methods, *args.first_image_methods]):
         for step in METHODS[method]:
             package = PACKAGES.get(step.split("-")[0])

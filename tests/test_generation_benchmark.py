@@ -44,6 +44,7 @@ def test_every_method_runs_and_every_output_is_written(tmp_path):
         (["--deepcache-interval", "0"], "--deepcache-interval must be at least 1"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--modes", "graph"], "invalid choice: 'graph'"),
+        (["--methods", "agentsd", "--first-image-methods", "deepcache"], "--first-image-methods deepcache: not among --methods"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, capsys, args, message):
@@ -52,6 +53,12 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, capsys, a
         speed_benchmark.main([*args, "--out", str(out)])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_first_images_default_to_the_baseline_and_agentsd_where_they_run():
+    assert speed_benchmark.parse_args([]).first_image_methods == ["baseline", "agentsd"]
+    assert speed_benchmark.parse_args(["--methods", "agentsd-tome"]).first_image_methods == ["baseline"]
+    assert speed_benchmark.parse_args(["--methods", "agentsd-tome", "--first-image-methods"]).first_image_methods == []
 
 
 def test_a_missing_peer_package_is_named(tmp_path, capsys, monkeypatch):
