@@ -114,11 +114,12 @@ def run(args, feature=None) -> list[dict] | None:
         raise BenchmarkError(f"--steps must be at most {pipe.scheduler.config.num_train_timesteps} (the scheduler's "
                              f"training timesteps), got {args.steps}")  # fmt: skip
     out = Path(args.out)
+    jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts(args))]
+    check_earlier_images(out, args, pipe, runs, jobs)
     try:
         make_output_folder(out)
     except ValueError as error:
         raise BenchmarkError(f"--out: {error}") from None
-    jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts(args))]
 
     for name, method, settings in runs:
         folder = out / "images" / name
@@ -127,10 +128,8 @@ def run(args, feature=None) -> list[dict] | None:
         batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
         mine = [job for batch in batches[state.process_index :: state.num_processes] for job in batch]
         if mine:
-            deepcache = args.deepcache_interval if uses_deepcache(method) else None
-            patch_pipeline(pipe, settings, deepcache=deepcache)
-            metadata = dict(model=args.model, method=method, steps=args.steps, guidance=args.guidance,
-                            scheduler=type(pipe.scheduler).__name__, settings=settings, deepcache=deepcache)  # fmt: skip
+            metadata = image_metadata(args, pipe, method, settings)
+            patch_pipeline(pipe, settings, deepcache=metadata["deepcache"])
             try:
                 stats = generate_images(
                     pipe, mine, save=lambda job, image: _save(folder, job, image, metadata), steps=args.steps,
@@ -151,6 +150,36 @@ def run(args, feature=None) -> list[dict] | None:
     results = measure(args, runs, jobs, metric, device)
     write_results(out, results, setup(args, pipe, features))
     return results
+
+
+def image_metadata(args, pipe, method: str, settings: dict) -> dict:
+    """What a run's images are made with, as their PNGs record it (with each image's prompt and seed)."""
+    deepcache = args.deepcache_interval if uses_deepcache(method) else None
+    return dict(model=args.model, method=method, steps=args.steps, guidance=args.guidance,
+                scheduler=type(pipe.scheduler).__name__, settings=settings, deepcache=deepcache)  # fmt: skip
+
+
+def check_earlier_images(out: Path, args, pipe, runs, jobs) -> None:
+    """An interrupted run resumes from the images it left in --out; images that another setting made there
+    (another model, steps, size, ratio...) would enter this run's scores unseen: an error instead."""
+    for name, method, settings in runs:
+        made = image_metadata(args, pipe, method, settings)
+        for job in jobs:
+            path = out / "images" / name / f"{job.index:05d}.png"
+            if not path.exists():
+                continue
+            # as the PNG holds it (JSON), with the image's size
+            expected = json.loads(json.dumps(dict(prompt=job.prompt, seed=job.seed, **made, size=[args.width, args.height])))
+            try:
+                with Image.open(path) as image:
+                    found = dict(json.loads(image.info.get("agentsd", "{}")), size=list(image.size))
+            except (OSError, ValueError):  # not a PNG, or not one of ours
+                found = {}
+            different = next((key for key in expected if found.get(key) != expected[key]), None)
+            if different:
+                raise BenchmarkError(f"--out {out}: {path} was made with {different} {found.get(different)!r}, this run "
+                                     f"has {expected[different]!r}; give another --out, or remove {path.parent} to "
+                                     "make its images again")  # fmt: skip
 
 
 def check(args) -> list[tuple[str, str, dict]]:

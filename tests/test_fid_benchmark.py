@@ -174,6 +174,20 @@ def test_no_fid_writes_no_empty_plot_and_says_so(tmp_path, capsys):
     assert setup["command"].startswith("agentsd benchmark fid --model tiny") and setup["steps"] == 2
 
 
+def test_images_another_setting_left_in_out_are_not_reused(tmp_path, capsys):
+    """A run resumes from the images in --out only where they were made as it would make them."""
+    out = tmp_path / "out"
+    args = ["--model", "tiny", "--num-images", "2", "--steps", "2", "--height", "64", "--width", "64", "--methods",
+            "agentsd", "--ratios", "0.5", "--no-fid", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    cli.main(["benchmark", *args])
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for change, message in [(["--steps", "3"], "00000.png was made with steps 2, this run has 3"),
+                            (["--height", "72"], "00000.png was made with size [64, 64], this run has [64, 72]")]:
+        code, err = run_cli([*args, *change], capsys)
+        assert code == 2 and message in err.strip().splitlines()[-1] and "give another --out" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps  # nothing written
+
+
 def test_step_caching_is_a_method_too(tmp_path):
     """DeepCache alone and composed with agentsd, beside the baseline, under `agentsd benchmark fid`."""
     pytest.importorskip("DeepCache")
