@@ -167,8 +167,11 @@ def generate(args, parser) -> None:
                   width=width, scheduler=type(pipe.scheduler).__name__, dtype=str(dtype).removeprefix("torch."),
                   settings=settings, deepcache=deepcache, version=__version__)  # fmt: skip
 
+    # numbered on from the images already in --out (as CompVis' txt2img does): a second run adds, never overwrites
+    first = 1 + max((int(p.stem) for p in out.glob("*.png") if p.stem.isdigit()), default=-1)
+
     def save(job, image):
-        save_png(out / f"{job.index:05d}.png", image, dict(prompt=job.prompt, seed=job.seed, **common))
+        save_png(out / f"{first + job.index:05d}.png", image, dict(prompt=job.prompt, seed=job.seed, **common))
 
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts)]
     try:

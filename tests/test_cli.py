@@ -43,6 +43,15 @@ def test_generate_writes_pngs_with_metadata(tmp_path, method, capsys):
     assert "s/image" in capsys.readouterr().out
 
 
+def test_a_second_run_into_the_same_folder_adds_images(tmp_path):
+    out = generate(tmp_path, "--steps", "2")
+    first = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    generate(tmp_path, "--steps", "2", "--seed", "5")
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert all((out / name).read_bytes() == data for name, data in first.items())  # the first run's, untouched
+    assert Image.open(out / "00002.png").text["seed"] == "5"
+
+
 def test_tome_takes_the_given_stride(tmp_path):
     """--method tome is plain ToMe at the given --sx/--sy (tomesd's parameters), 2x2 by default."""
     image = lambda out: np.asarray(Image.open(out / "00000.png"))  # noqa: E731
