@@ -143,7 +143,7 @@ def generate(args, parser) -> None:
             parser.error(f"argument {'--deepcache' if args.deepcache else '--method'}: {error}")
     exit_if_broken_install(parser)
     from .generate import Job, generate_images, save_png
-    from .pipelines import LoadError, load_pipeline, patch_pipeline, resolve_device
+    from .pipelines import LoadError, load_pipeline, max_steps, patch_pipeline, resolve_device
 
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
     try:
@@ -153,9 +153,9 @@ def generate(args, parser) -> None:
         parser.error(str(error))
     except (TypeError, ValueError) as error:  # a pipeline agentsd cannot patch
         parser.error(f"argument --model: {error}")
-    limit = pipe.scheduler.config.num_train_timesteps
-    if args.steps > limit:  # diffusers' set_timesteps would stop at the first batch
-        parser.error(f"argument --steps: at most {limit} (the scheduler's training timesteps), got {args.steps}")
+    if args.steps > max_steps(pipe.scheduler):
+        parser.error(f"argument --steps: at most {max_steps(pipe.scheduler)} (the scheduler's training timesteps "
+                     f"less one), got {args.steps}")  # fmt: skip
     height = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = args.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     out = Path(args.out)

@@ -40,6 +40,7 @@ from .pipelines import (
     LoadError,
     check_deepcache_installed,
     load_pipeline,
+    max_steps,
     patch_pipeline,
     patch_settings,
     resolve_device,
@@ -110,9 +111,9 @@ def run(args, feature=None) -> list[dict] | None:
     if metric is not None and state.is_main_process:
         add_real_images(metric, args, device)  # bad real images or statistics stop the run before it generates
     pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
-    if args.steps > pipe.scheduler.config.num_train_timesteps:
-        raise BenchmarkError(f"--steps must be at most {pipe.scheduler.config.num_train_timesteps} (the scheduler's "
-                             f"training timesteps), got {args.steps}")  # fmt: skip
+    if args.steps > max_steps(pipe.scheduler):
+        raise BenchmarkError(f"--steps must be at most {max_steps(pipe.scheduler)} (the scheduler's training "
+                             f"timesteps less one), got {args.steps}")  # fmt: skip
     out = Path(args.out)
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts(args))]
     check_earlier_images(out, args, pipe, runs, jobs)

@@ -157,6 +157,13 @@ def enable_deepcache(pipe, interval: int, branch: int = 0):
     return helper
 
 
+def max_steps(scheduler) -> int:
+    """The most denoising steps every scheduler here can take: its training timesteps less one. With
+    SD's steps_offset=1, diffusers' PNDM, DDIM, DPM++ and UniPC fail at all 1000 (a timestep of 1000
+    indexes past alphas_cumprod; diffusers 0.42.1, with or without agentsd)."""
+    return scheduler.config.num_train_timesteps - 1
+
+
 def uses_deepcache(method: str) -> bool:
     return method.endswith("deepcache")
 

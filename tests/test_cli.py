@@ -147,7 +147,7 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--model", "FOLDER"], "the folder has no model_index.json"),
     (["x", "--model", "FILE"], "it is a file; --model takes a diffusers pipeline folder"),
     # the ones below load the tiny pipeline first
-    (["x", "--steps", "1001"], "argument --steps: at most 1000"),
+    (["x", "--steps", "1000"], "argument --steps: at most 999"),
     (["x", "--height", "8", "--width", "8", "--steps", "2"], "the pipeline stopped at --height 8 --width 8"),
     (["x", "--out", "/proc/agentsd-test/out"], "argument --out: cannot make the folder /proc/agentsd-test/out"),
 ])  # fmt: skip

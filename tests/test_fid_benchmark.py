@@ -126,7 +126,7 @@ def run_cli(args, capsys) -> tuple[int, str]:
     (["--features", f"{TESTS / 'standin.py'}:nothing"], "standin.py has no callable 'nothing'"),
     (["--features", "FEATURES.py:failing"], "failing() failed (RuntimeError: no weights here)"),
     (["--features", "FEATURES.py:not_a_module"], "torchmetrics' FID does not take it"),
-    (["--no-fid", "--steps", "1001"], "--steps must be at most 1000"),
+    (["--no-fid", "--steps", "1000"], "--steps must be at most 999"),
 ])  # fmt: skip
 def test_bad_input(tmp_path, real_dir, args, message, capsys):
     (tmp_path / "EMPTY").write_text("\n")
