@@ -38,6 +38,7 @@ from .files import write_whole
 from .kernels import tuning_seconds
 from .models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, tiny_pipeline
 from .patch import apply_patch
+from .schedule import TRAIN_TIMESTEPS
 
 # config: (model, size, steps); the steps of the issue that set the targets (20 at 2048px, where one
 # image takes seconds)
@@ -81,8 +82,8 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--out", default="outputs/speed")
     parser.add_argument("--first-image", nargs=3, metavar=("CONFIG", "METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.steps is not None and not 1 <= args.steps < TRAIN_TIMESTEPS:  # pipelines.max_steps of every config
+        parser.error(f"--steps must be in [1, {TRAIN_TIMESTEPS - 1}], got {args.steps}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.deepcache_interval < 1:
