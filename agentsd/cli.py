@@ -210,6 +210,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 def benchmark(argv: list[str]) -> None:
     """`agentsd benchmark speed ...` or `agentsd benchmark fid ...` (`agentsd benchmark --real-dir ...`, the
     FID benchmark's earlier spelling, still works)."""
+    if not argv or argv[0] not in ("speed", "fid") and not argv[0].startswith("-"):
+        got = f", got {argv[0]!r}" if argv else ""
+        argparse.ArgumentParser(prog="agentsd benchmark").error(f"choose speed or fid{got}: agentsd benchmark speed "
+                                                                "... (whole generations) or agentsd benchmark fid ...")
     if argv[:1] == ["speed"]:
         from .speed_benchmark import main as speed
 

@@ -52,6 +52,12 @@ def test_a_second_run_into_the_same_folder_adds_images(tmp_path):
     assert Image.open(out / "00002.png").text["seed"] == "5"
 
 
+@pytest.mark.parametrize("args", [["benchmark"], ["benchmark", "sped"]])
+def test_benchmark_names_its_two_kinds(args, capsys):
+    code, err = run_main(args, capsys)
+    assert_one_line_error(code, err, "choose speed or fid", prog="agentsd benchmark")
+
+
 def test_tome_takes_the_given_stride(tmp_path):
     """--method tome is plain ToMe at the given --sx/--sy (tomesd's parameters), 2x2 by default."""
     image = lambda out: np.asarray(Image.open(out / "00000.png"))  # noqa: E731
