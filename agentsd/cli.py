@@ -153,9 +153,9 @@ def generate(args, parser) -> None:
         parser.error(str(error))
     except (TypeError, ValueError) as error:  # a pipeline agentsd cannot patch
         parser.error(f"argument --model: {error}")
-    if args.steps > max_steps(pipe.scheduler):
-        parser.error(f"argument --steps: at most {max_steps(pipe.scheduler)} (the scheduler's training timesteps "
-                     f"less one), got {args.steps}")  # fmt: skip
+    limit = max_steps(pipe.scheduler)
+    if args.steps > limit:
+        parser.error(f"argument --steps: at most {limit} (the scheduler's training timesteps less one), got {args.steps}")
     height = args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = args.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     out = Path(args.out)

@@ -111,9 +111,10 @@ def run(args, feature=None) -> list[dict] | None:
     if metric is not None and state.is_main_process:
         add_real_images(metric, args, device)  # bad real images or statistics stop the run before it generates
     pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
-    if args.steps > max_steps(pipe.scheduler):
-        raise BenchmarkError(f"--steps must be at most {max_steps(pipe.scheduler)} (the scheduler's training "
-                             f"timesteps less one), got {args.steps}")  # fmt: skip
+    limit = max_steps(pipe.scheduler)
+    if args.steps > limit:
+        raise BenchmarkError(f"--steps must be at most {limit} (the scheduler's training timesteps less one), got "
+                             f"{args.steps}")  # fmt: skip
     out = Path(args.out)
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts(args))]
     check_earlier_images(out, args, pipe, runs, jobs)
@@ -123,8 +124,7 @@ def run(args, feature=None) -> list[dict] | None:
         raise BenchmarkError(f"--out: {error}") from None
 
     for name, method, settings in runs:
-        folder = out / "images" / name
-        missing = [job for job in jobs if not (folder / f"{job.index:05d}.png").exists()]
+        missing = [job for job in jobs if not image_file(out, name, job).exists()]
         state.wait_for_everyone()  # every process lists `missing` before any writes, or they split it differently
         batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
         mine = [job for batch in batches[state.process_index :: state.num_processes] for job in batch]
@@ -133,7 +133,7 @@ def run(args, feature=None) -> list[dict] | None:
             patch_pipeline(pipe, settings, deepcache=metadata["deepcache"])
             try:
                 stats = generate_images(
-                    pipe, mine, save=lambda job, image: _save(folder, job, image, metadata), steps=args.steps,
+                    pipe, mine, save=lambda job, image: _save(out, name, job, image, metadata), steps=args.steps,
                     guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
                     progress=state.is_main_process,
                 )  # fmt: skip
@@ -164,13 +164,13 @@ def check_earlier_images(out: Path, args, pipe, runs, jobs) -> None:
     """An interrupted run resumes from the images it left in --out; images that another setting made there
     (another model, steps, size, ratio...) would enter this run's scores unseen: an error instead."""
     for name, method, settings in runs:
-        made = image_metadata(args, pipe, method, settings)
+        # as the PNGs hold it (JSON), with the images' size
+        made = json.loads(json.dumps(dict(image_metadata(args, pipe, method, settings), size=[args.width, args.height])))
         for job in jobs:
-            path = out / "images" / name / f"{job.index:05d}.png"
+            path = image_file(out, name, job)
             if not path.exists():
                 continue
-            # as the PNG holds it (JSON), with the image's size
-            expected = json.loads(json.dumps(dict(prompt=job.prompt, seed=job.seed, **made, size=[args.width, args.height])))
+            expected = dict(prompt=job.prompt, seed=job.seed, **made)
             try:
                 with Image.open(path) as image:
                     found = dict(json.loads(image.info.get("agentsd", "{}")), size=list(image.size))
@@ -246,8 +246,12 @@ def prompts(args) -> list[str]:
     return [TEMPLATE.format(classes[(i // args.images_per_class) % len(classes)]) for i in range(args.num_images)]
 
 
-def _save(folder: Path, job, image, metadata):
-    save_png(folder / f"{job.index:05d}.png", image, dict(prompt=job.prompt, seed=job.seed, **metadata))
+def image_file(out: Path, run: str, job) -> Path:
+    return out / "images" / run / f"{job.index:05d}.png"
+
+
+def _save(out: Path, run: str, job, image, metadata):
+    save_png(image_file(out, run, job), image, dict(prompt=job.prompt, seed=job.seed, **metadata))
 
 
 def make_fid(args, feature, device):
@@ -338,8 +342,8 @@ def measure(args, runs, jobs, metric, device) -> list[dict]:
         peaks = [t["peak_gb"] for t in timings if t["peak_gb"] is not None]
         row = dict(run=name, method=method, ratio=settings.get("ratio", 0.0), images=len(jobs),
                    s_per_image=seconds / images if images else None, gb_per_image=max(peaks) if peaks else None)  # fmt: skip
-        files = [out / "images" / name / f"{job.index:05d}.png" for job in jobs]
-        base = [out / "images" / "baseline" / f"{job.index:05d}.png" for job in jobs]
+        files = [image_file(out, name, job) for job in jobs]
+        base = [image_file(out, "baseline", job) for job in jobs]
         if metric is not None:
             metric.reset()
         psnr = ssim = lp = 0.0
