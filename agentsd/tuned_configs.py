@@ -9,8 +9,9 @@ means tuning again next time.
 
 Configs tuned on the GPUs agentsd is measured on ship with the package (`data/kernel_configs/`, one
 JSON file per GPU model, written by `scripts/collect_kernel_configs.py`), so that on those GPUs even
-the first process on a new machine does not tune at the common sizes. They are read after the
-user's cache, and only while they were tuned for this very source of the kernels.
+the first process on a new machine does not tune at the common sizes; a model without a table of
+its own reads that of a model of the same architecture. They are read after the user's cache, and
+only while they were tuned for this very source of the kernels.
 """
 
 import functools
@@ -78,12 +79,24 @@ def load(device: torch.device, kernel: str, key: tuple) -> dict | None:
 
 @functools.cache
 def shipped(gpu: str) -> dict:
-    """{"kernel/key": config} shipped for this GPU model and this source of the kernels, else {}."""
-    try:
-        table = json.loads((SHIPPED / f"{gpu}.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return table["configs"] if table.get("source") == _source_hash() else {}
+    """{"kernel/key": config} shipped for this GPU model and this source of the kernels; else those of
+    another model of the same architecture (the name's -smXY), else {}.
+
+    Models of one architecture share the per-block limits a config must fit (shared memory,
+    registers), and on the H100 one fixed config per kernel was within 7% of the tuned one at 26 of
+    28 keys (docs/performance.md), a few microseconds per call: so a sibling's table is worth more
+    to an H200 or H100 PCIe user than tuning anew, which costs the first process at a new size about
+    12 s."""
+    own = SHIPPED / f"{gpu}.json"
+    siblings = sorted(SHIPPED.glob(f"*-{gpu.rsplit('-', 1)[-1]}.json")) if "-sm" in gpu else []
+    for path in [own, *(p for p in siblings if p != own)]:
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if table.get("source") == _source_hash():
+            return table["configs"]
+    return {}
 
 
 def collected(device: torch.device) -> dict:

@@ -134,3 +134,23 @@ def test_collect_script_writes_a_table_the_package_reads(tmp_path, monkeypatch):
         assert tuned_configs.shipped("interpreter") == table["configs"]
     finally:
         tuned_configs.shipped.cache_clear()
+
+
+def test_a_gpu_without_a_table_reads_one_of_its_architecture(tmp_path, monkeypatch):
+    """An H200 (no table of its own) takes the H100's (both sm90) and tunes nothing at its sizes; a GPU
+    of another architecture takes none, nor a sibling's table of another source of the kernels."""
+    monkeypatch.setattr(tuned_configs, "SHIPPED", tmp_path)
+    tuned_configs.shipped.cache_clear()
+    source = tuned_configs._source_hash()
+    tables = {"NVIDIA_H100_80GB_HBM3-sm90": {"k/1": {"BLOCK_M": 1}}, "NVIDIA_A100-SXM4-80GB-sm80": {"k/1": {"BLOCK_M": 2}}}
+    for gpu, configs in tables.items():
+        (tmp_path / f"{gpu}.json").write_text(json.dumps({"gpu": gpu, "source": source, "configs": configs}))
+    (tmp_path / "NVIDIA_GH200-sm90.json").write_text(json.dumps({"gpu": "x", "source": "old", "configs": {"k/1": {}}}))  # read first
+    try:
+        assert tuned_configs.shipped("NVIDIA_H200-sm90") == tables["NVIDIA_H100_80GB_HBM3-sm90"]
+        assert tuned_configs.shipped("NVIDIA_A100-SXM4-40GB-sm80") == tables["NVIDIA_A100-SXM4-80GB-sm80"]
+        assert tuned_configs.shipped("NVIDIA_A100-SXM4-80GB-sm80") == tables["NVIDIA_A100-SXM4-80GB-sm80"]
+        assert tuned_configs.shipped("NVIDIA_GeForce_RTX_4090-sm89") == {}
+        assert tuned_configs.shipped("interpreter") == {}
+    finally:
+        tuned_configs.shipped.cache_clear()
