@@ -8,6 +8,9 @@ from diffusers.models.attention_processor import (
     AttnProcessor2_0,
     AttnProcessorNPU,
     FusedAttnProcessor2_0,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    IPAdapterXFormersAttnProcessor,
     SlicedAttnProcessor,
     XFormersAttnProcessor,
 )
@@ -21,6 +24,12 @@ from .nn.functional import agent_attention
 SOFTMAX_PROCESSORS = (
     AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, XFormersAttnProcessor, FusedAttnProcessor2_0, AttnProcessorNPU,
 )  # fmt: skip
+
+
+# Cross-attention processors that read no token positions, so that merge_crossattn may hand them the
+# merged queries. Not IP-Adapter's masks, which diffusers lays over the queries as a raster grid (those
+# calls run unmerged), nor processors of other code (Attend-and-Excite's keeps the maps of one size).
+POSITION_FREE_CROSS_ATTENTION = (*SOFTMAX_PROCESSORS, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
 
 
 class AgentSDAttnProcessor:

@@ -23,7 +23,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-from .attention import AgentSDAttnProcessor, is_plain, plain_attention
+from .attention import POSITION_FREE_CROSS_ATTENTION, AgentSDAttnProcessor, is_plain, plain_attention
 from .block import is_lean, lean_forward, runs_lean
 from .config import K_SCALE2, K_SHORTCUT, RATIO, AgentSDConfig, build_config
 from .merge import merge, merge_counts, plan_block, token_grid, unmerge
@@ -84,8 +84,10 @@ def apply_patch(
         seed: makes the random destinations reproducible; None takes torch.initial_seed(), so
             torch.manual_seed fixes it too, without drawing from torch's generator.
         merge_attn: merge tokens for the self-attention (where agents act).
-        merge_crossattn: also merge for the cross-attention (plain ToMe there).
-        merge_mlp: also merge for the feed-forward.
+        merge_crossattn: also merge for the cross-attention (plain ToMe there), where nothing reads
+            its tokens by place: not in calls with IP-Adapter masks, nor under a processor other than
+            diffusers' own (Attend-and-Excite's, say; with a warning).
+        merge_mlp: also merge for the feed-forward, unless it is chunked (set_chunk_feed_forward).
         min_tokens: merge only in blocks that see at least this many tokens; None: 8192 (SD 1.x/2.x
             from 768px, SDXL's second level from about 1448px). At 4096 tokens even a free merge plan
             gains at most 1.04x on a GPU with fused attention, less than the plan's launches cost in
@@ -178,7 +180,7 @@ class CallState(PerThread):
 class PlanSlot(PerThread):
     """A block's merge plan for the call running in this thread, until its last use."""
 
-    names = ("plan",)
+    names = ("plan", "merged")  # merged: the module (attn2 or ff) whose input merge_input merged
 
 
 class UNetPatch:
@@ -264,12 +266,12 @@ class PatchedBlock:
         self.slot = PlanSlot()
         self.lean = is_lean(block)
         self.removed = False
-        self.warned = False
+        self.warned = self.warned_attn2 = False
         self.handles = []
         for module in users:
             if module is not block.attn1:
-                self.handles.append(module.register_forward_pre_hook(self.merge_input))
-                self.handles.append(module.register_forward_hook(self.unmerge_output))
+                self.handles.append(module.register_forward_pre_hook(self.merge_input, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(self.unmerge_output, with_kwargs=True))
         self.merges_attn1 = block.attn1 in users
         attn = block.attn1
         # What was on the instances before (a forward that a hook put there, say): called beneath the
@@ -380,17 +382,36 @@ class PatchedBlock:
             return plain_attention(attn, h, h) + residual
         return attn.processor.merged_attention(attn, h, None, plan, residual)
 
-    def merge_input(self, module, args):
+    def merge_input(self, module, args, kwargs):
+        """attn2's or ff's input merged (merge_crossattn, merge_mlp) where nothing reads its tokens by place."""
         plan = self.slot.plan
-        if plan is None or not args or args[0].shape[1] != plan.num_tokens:
-            return None
-        return (merge(args[0], plan), *args[1:])
+        merges = plan is not None and args and args[0].shape[1] == plan.num_tokens and self.may_merge(module, kwargs)
+        self.slot.merged = module if merges else None  # what unmerge_output then unmerges
+        return ((merge(args[0], plan), *args[1:]), kwargs) if merges else None
 
-    def unmerge_output(self, module, args, output):
+    def unmerge_output(self, module, args, kwargs, output):
         plan = self.plan_of(module)
-        if plan is None or not args or args[0].shape[1] != plan.num_slots:
+        if self.slot.merged is not module:
             return None
+        self.slot.merged = None
         return unmerge(output, plan)
+
+    def may_merge(self, module, kwargs) -> bool:
+        if module is self.block.ff:  # chunked (set_chunk_feed_forward): diffusers calls ff once per chunk
+            return self.block._chunk_size is None
+        if kwargs.get("ip_adapter_masks") is not None:
+            return False
+        if type(module.processor) in POSITION_FREE_CROSS_ATTENTION:
+            return True
+        if not self.warned_attn2:
+            self.warned_attn2 = True
+            warnings.warn(
+                f"agentsd: {type(module.processor).__name__} on attn2 is not one of diffusers' attention processors, "
+                "which read no token positions, so agentsd does not merge tokens for that cross-attention "
+                "(merge_crossattn).",
+                stacklevel=2,
+            )
+        return False
 
 
 def _bound_to(method, owner) -> bool:

@@ -162,6 +162,57 @@ def test_a_processor_with_weights_is_set_as_it_is():
     generate(pipe, steps=2)
 
 
+# ---------------------------------------------------------------- merging where token positions matter
+# merge_crossattn / merge_mlp hand attn2 / ff the merged tokens; where a call reads them by position (IP-Adapter
+# masks, processors that keep attention maps) or in chunks, those modules run unmerged instead.
+
+
+def test_merge_crossattn_leaves_ip_adapter_masks_their_tokens():
+    """diffusers lays the masks over attn2's queries as a raster grid: an all-ones mask changes nothing."""
+    pipe = tiny_pipeline("sd15")
+    load_ip_adapter(pipe, "plain")
+    embeds = dict(ip_adapter_image_embeds=[image_embeds("plain")])
+    ones = IPAdapterMaskProcessor().preprocess(torch.ones(1, 1, 32, 32), height=32, width=32)
+    agentsd.apply_patch(pipe, **PATCH, merge_crossattn=True)
+    masked = generate(pipe, **embeds, cross_attention_kwargs={"ip_adapter_masks": ones})
+    np.testing.assert_array_equal(masked, generate(agentsd.apply_patch(pipe, **PATCH), **embeds, cross_attention_kwargs={"ip_adapter_masks": ones}))
+    assert np.abs(generate(agentsd.apply_patch(pipe, **PATCH, merge_crossattn=True), **embeds) - masked).max() > 1e-3
+
+
+def test_merge_crossattn_leaves_processors_that_keep_attention_maps():
+    """Attend-and-Excite keeps the cross-attention maps of one resolution (the merged level here): attn2 runs
+    unmerged under its processor, with a warning, as with merge_crossattn off."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    pipe = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in tiny_pipeline("sd15").components.items() if k != "image_encoder"})
+    call = dict(prompt="a cat and a frog", token_indices=[2, 5], height=128, width=128, num_inference_steps=3,
+                max_iter_to_alter=2, attn_res=(16, 16), output_type="np")  # fmt: skip
+    unpatched = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    agentsd.apply_patch(pipe, **PATCH)
+    without = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(without - unpatched).max() > 1e-3  # the level merges
+    agentsd.apply_patch(pipe, **PATCH, merge_crossattn=True)
+    with pytest.warns(UserWarning, match="AttendExciteAttnProcessor on attn2"):
+        np.testing.assert_array_equal(pipe(**call, generator=torch.Generator().manual_seed(0)).images, without)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_merge_mlp_leaves_a_chunked_feed_forward(dim):
+    """set_chunk_feed_forward: diffusers calls ff once per chunk of the batch (dim 0) or of the tokens
+    (dim 1; chunks of the merged length here), which the block's plan does not fit."""
+    pipe = tiny_pipeline("sd15")
+    agentsd.apply_patch(pipe, **PATCH)
+    blocks = [patched.block for patched in pipe.unet._agentsd.blocks if patched.users]  # the merged level's
+    for block in blocks:
+        block.set_chunk_feed_forward(1 if dim == 0 else 8, dim=dim)  # 16 tokens at 32px, 8 merged away
+    chunked = generate(pipe)
+    agentsd.apply_patch(pipe, **PATCH, merge_mlp=True)
+    np.testing.assert_array_equal(generate(pipe), chunked)
+    for block in blocks:
+        block.set_chunk_feed_forward(None)
+    assert np.abs(generate(pipe) - chunked).max() > 1e-3  # unchunked, the feed-forward merges
+
+
 # ---------------------------------------------------------------- hooks that wrap forwards
 
 
