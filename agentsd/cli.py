@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ATTN_PRECISIONS, MAX_DOWNSAMPLES
+from .config import ATTN_PRECISIONS, MAX_DOWNSAMPLES, RATIO
 from .environment import torchvision_problem
 from .options import (
+    SEED_LIMIT,
     check_device,
     check_output_folder,
     finite_float,
@@ -26,7 +27,8 @@ from .pipelines import DEEPCACHE_INTERVAL, DEFAULT_MODEL, DTYPES, METHODS, SCHED
 # apply_patch's keywords as options, to name the option in build_config's messages
 PATCH_OPTIONS = {"agent_ratio": "--agent-ratio", "ratio": "--ratio", "sx": "--sx", "sy": "--sy",
                  "k_scale2": "--k-scale2", "k_shortcut": "--k-shortcut", "max_downsample": "--max-downsample",
-                 "attn_precision": "--attn-precision", "seed": "--patch-seed", "min_tokens": "--min-tokens"}  # fmt: skip
+                 "attn_precision": "--attn-precision", "seed": "--patch-seed", "min_tokens": "--min-tokens",
+                 "use_rand": "--no-rand", "merge_crossattn": "--merge-crossattn", "merge_mlp": "--merge-mlp"}  # fmt: skip
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,11 +101,17 @@ def settings_from(args, parser) -> dict:
     from .pipelines import patch_settings
 
     names = ("sx", "sy", "agent_ratio", "max_downsample", "k_scale2", "k_shortcut", "attn_precision", "use_rand",
-             "merge_crossattn", "merge_mlp", "min_tokens")  # fmt: skip
-    settings = {name: getattr(args, name) for name in names}
-    settings["seed"] = args.seed if args.patch_seed is None else args.patch_seed
+             "merge_crossattn", "merge_mlp", "min_tokens", "ratio")  # fmt: skip
+    given = {name: getattr(args, name) for name in names} | {"seed": args.patch_seed}  # None: not given
+    if args.method in ("baseline", "deepcache"):  # nothing is patched: a setting given would be dropped unseen
+        options = [PATCH_OPTIONS[name] for name, value in given.items() if value is not None]
+        if options:
+            parser.error(f"argument {options[0]}: an agentsd setting, for --method tome, agentsd or agentsd+deepcache, "
+                         f"not {args.method}")  # fmt: skip
+    settings = given | {"seed": args.seed if args.patch_seed is None else args.patch_seed}
+    ratio = settings.pop("ratio")
     try:
-        return patch_settings(args.method, args.ratio, **settings)
+        return patch_settings(args.method, RATIO if ratio is None else ratio, **settings)
     except (TypeError, ValueError) as error:
         pattern = r"\b(" + "|".join(PATCH_OPTIONS) + r")\b"
         parser.error(re.sub(pattern, lambda match: PATCH_OPTIONS[match.group(1)], str(error)))
@@ -129,6 +137,9 @@ def read_prompts(args, parser) -> list[str]:
 
 def generate(args, parser) -> None:
     prompts = read_prompts(args, parser)
+    if args.seed + len(prompts) > SEED_LIMIT:  # image i takes seed + i, which its metadata records
+        parser.error(f"argument --seed: image i uses seed + i, below 2**63: at most 2**63 - {len(prompts)} for "
+                     f"{len(prompts)} prompts, got {args.seed}")  # fmt: skip
     check_model_arguments(args, parser)
     settings = settings_from(args, parser)
     deepcache = args.deepcache
@@ -143,11 +154,12 @@ def generate(args, parser) -> None:
             parser.error(f"argument {'--deepcache' if args.deepcache else '--method'}: {error}")
     exit_if_broken_install(parser)
     from .generate import Job, generate_images, save_png
-    from .pipelines import LoadError, load_pipeline, max_steps, patch_pipeline, resolve_device
+    from .pipelines import LoadError, check_text_to_image, load_pipeline, max_steps, patch_pipeline, resolve_device
 
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
     try:
         pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
+        check_text_to_image(pipe)
         patch_pipeline(pipe, settings, deepcache=deepcache)
     except LoadError as error:
         parser.error(str(error))
@@ -165,13 +177,16 @@ def generate(args, parser) -> None:
         parser.error(f"argument --out: {error}")
     common = dict(model=args.model, method=args.method, steps=args.steps, guidance=args.guidance, height=height,
                   width=width, scheduler=type(pipe.scheduler).__name__, dtype=str(dtype).removeprefix("torch."),
-                  settings=settings, deepcache=deepcache, version=__version__)  # fmt: skip
+                  settings=settings, deepcache=deepcache, batch_size=args.batch_size, version=__version__)  # fmt: skip
 
     # numbered on from the images already in --out (as CompVis' txt2img does): a second run adds, never overwrites
-    first = 1 + max((int(p.stem) for p in out.glob("*.png") if p.stem.isdigit()), default=-1)
+    first = 1 + max((int(p.stem) for p in out.glob("*.png") if re.fullmatch("[0-9]+", p.stem)), default=-1)
+    saved = []
 
     def save(job, image):
-        save_png(out / f"{first + job.index:05d}.png", image, dict(prompt=job.prompt, seed=job.seed, **common))
+        path = out / f"{first + job.index:05d}.png"
+        save_png(path, image, dict(prompt=job.prompt, seed=job.seed, **common))
+        saved.append(path)
 
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts)]
     try:
@@ -182,6 +197,12 @@ def generate(args, parser) -> None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         parser.error(f"the pipeline stopped at --height {height} --width {width} --steps {args.steps} "
                      f"({type(pipe.scheduler).__name__}): {reason}")  # fmt: skip
+    except (KeyboardInterrupt, OSError) as error:  # Ctrl-C, a full disk: say what is saved, no traceback
+        remove_made_folders(out, made)
+        stopped = "interrupted" if isinstance(error, KeyboardInterrupt) else f"cannot write in {out} ({error.strerror or error})"
+        print(f"{parser.prog}: {stopped}; {len(saved)} of {len(jobs)} images saved"
+              + (f" ({saved[0].name} to {saved[-1].name})" if saved else ""), file=sys.stderr)  # fmt: skip
+        sys.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
     per_image = f"{stats.seconds_per_image:.3f} s/image" if stats.seconds_per_image else "n/a"
     memory = f", peak {stats.peak_gb:.2f} GB/image" if stats.peak_gb is not None else ""
     noun = "image" if stats.images == 1 else "images"
@@ -198,7 +219,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gen.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
     gen.add_argument("--prompts-file", help="a text file with one prompt a line")
     gen.add_argument("--method", choices=METHODS, default="agentsd")
-    gen.add_argument("--ratio", type=finite_float, default=0.4, help="token merging ratio, in [0, 1)")
+    gen.add_argument("--ratio", type=finite_float, help=f"token merging ratio, in [0, 1) (default {RATIO})")
     gen.add_argument("--out", default="outputs/generate", help="folder for the PNG files")
     add_model_arguments(gen)
     add_patch_arguments(gen)
@@ -207,13 +228,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, gen
 
 
+BENCHMARKS = "agentsd benchmark speed ... (whole generations) or agentsd benchmark fid ... (FID; --help on either)"
+
+
 def benchmark(argv: list[str]) -> None:
     """`agentsd benchmark speed ...` or `agentsd benchmark fid ...` (`agentsd benchmark --real-dir ...`, the
     FID benchmark's earlier spelling, still works)."""
+    parser = argparse.ArgumentParser(prog="agentsd benchmark", usage=BENCHMARKS)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: {BENCHMARKS}")
+        sys.exit(0)
     if not argv or argv[0] not in ("speed", "fid") and not argv[0].startswith("-"):
         got = f", got {argv[0]!r}" if argv else ""
-        argparse.ArgumentParser(prog="agentsd benchmark").error(f"choose speed or fid{got}: agentsd benchmark speed "
-                                                                "... (whole generations) or agentsd benchmark fid ...")
+        parser.error(f"choose speed or fid{got}: {BENCHMARKS}")
     if argv[:1] == ["speed"]:
         from .speed_benchmark import main as speed
 
@@ -226,10 +253,15 @@ def benchmark(argv: list[str]) -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser, gen = build_parser()
-    if argv[:1] == ["benchmark"]:
-        return benchmark(argv[1:])
-    args = parser.parse_args(argv)
-    generate(args, gen)
+    try:
+        if argv[:1] == ["benchmark"]:
+            return benchmark(argv[1:])
+        if argv[:1] == ["generate"]:  # prompts may come before and after options
+            return generate(gen.parse_intermixed_args(argv[1:]), gen)
+        parser.parse_args(argv)  # --help, --version, or an error
+    except KeyboardInterrupt:  # Ctrl-C before or between images (generate says what it saved)
+        print("agentsd: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ class GenerationStats:
 def generate_images(pipe, jobs: list[Job], *, save, steps: int, guidance: float, height: int, width: int,
                     batch_size: int, progress: bool = True) -> GenerationStats:  # fmt: skip
     """Run `jobs` in batches and call save(job, image) for each. Image i depends only on its prompt,
-    seed and the settings, not on the batch it falls in (one CPU generator per image)."""
+    seed and the settings (one CPU generator per image), and on its batch only where ToMe merges
+    without guidance (guidance <= 1): an odd batch then takes top-left destinations (tomesd's rule),
+    so the batch size is a setting there."""
     device = pipe.device
     cuda = device.type == "cuda"
     stats = GenerationStats()
@@ -86,5 +88,9 @@ def save_png(path: Path, image, metadata: dict) -> None:
     info.add_text("agentsd", json.dumps(metadata))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.png")
-    image.save(partial, pnginfo=info)
-    os.replace(partial, path)
+    try:
+        image.save(partial, pnginfo=info)
+        os.replace(partial, path)
+    except BaseException:  # Ctrl-C or a full disk: PIL removes its file on an Exception, not on Ctrl-C
+        partial.unlink(missing_ok=True)
+        raise

@@ -101,7 +101,7 @@ def apply_patch(
         k_scale2=k_scale2, k_shortcut=k_shortcut, attn_precision=attn_precision, use_rand=use_rand,
         seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, min_tokens=min_tokens,
     )  # fmt: skip
-    unet = _find_unet(model)
+    unet = find_unet(model)
     blocks = transformer_blocks(unet)
     if not blocks:
         kinds = ", ".join(dict.fromkeys(unet.config.down_block_types))  # e.g. the x2 latent upscaler's K blocks
@@ -115,7 +115,7 @@ def apply_patch(
 
 def remove_patch(model):
     """Undo apply_patch. Harmless on a model that is not patched; returns `model`."""
-    unet = _find_unet(model)
+    unet = find_unet(model)
     patch = unet.__dict__.pop("_agentsd", None)
     if patch is not None:
         patch.remove()
@@ -123,10 +123,10 @@ def remove_patch(model):
 
 
 def is_patched(model) -> bool:
-    return "_agentsd" in _find_unet(model).__dict__
+    return "_agentsd" in find_unet(model).__dict__
 
 
-def _find_unet(model) -> UNet2DConditionModel:
+def find_unet(model) -> UNet2DConditionModel:
     """The UNet of a pipeline or the UNet itself; TypeError for anything else."""
     pipe = None
     if isinstance(model, DiffusionPipeline):

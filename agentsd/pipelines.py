@@ -176,6 +176,19 @@ def check_deepcache_installed() -> None:
         raise ImportError('DeepCache is not installed: pip install "agentsd[deepcache]"')
 
 
+def check_text_to_image(pipe) -> None:
+    """TypeError unless `pipe` makes images from prompts with a UNet2DConditionModel, what every method
+    here runs (the baseline too: the image sizes and the metadata are a Stable Diffusion UNet's)."""
+    import inspect
+
+    from .patch import find_unet
+
+    find_unet(pipe)
+    if "image" in inspect.signature(pipe.__call__).parameters:
+        raise TypeError(f"{type(pipe).__name__} takes an input image (img2img, inpainting, ControlNet); give a "
+                        "text-to-image pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline)")  # fmt: skip
+
+
 def patch_pipeline(pipe, settings: dict, deepcache: int | None = None):
     """apply_patch with `settings` (none: not patched), then DeepCache at interval `deepcache` (None:
     without); unpatch_pipeline undoes both."""

@@ -37,6 +37,7 @@ from .environment import package_version, versions
 from .files import write_whole
 from .kernels import tuning_seconds
 from .models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, tiny_pipeline
+from .options import check_output_folder, make_output_folder, remove_made_folders
 from .patch import apply_patch
 from .schedule import TRAIN_TIMESTEPS
 
@@ -100,8 +101,10 @@ def parse_args(argv=None, prog=None):
             if package and importlib.util.find_spec(package) is None:
                 extra = "deepcache" if package == "DeepCache" else "test"
                 parser.error(f"--methods {method} needs the {package} package: pip install \"agentsd[{extra}]\"")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file, not a folder")
+    try:
+        check_output_folder(Path(args.out))
+    except ValueError as error:
+        parser.error(f"--out: {error}")
     return args
 
 
@@ -111,21 +114,31 @@ def main(argv=None, prog=None):
     if args.first_image:  # a child process: one first image
         print(json.dumps(first_image(*args.first_image, args)), flush=True)
         return
+    try:  # the results are written after the first config: an --out that cannot be made fails now
+        made = make_output_folder(Path(args.out))
+    except ValueError as error:
+        argparse.ArgumentParser(prog=prog).error(f"--out: {error}")
     cuda = torch.cuda.is_available()
     configs = args.configs if cuda else ["tiny"]
     modes = args.modes if cuda else ["eager"]
+    if not cuda:
+        print("No CUDA here: the tiny configuration, eager, on the CPU (--configs and --modes apply on a GPU)", file=sys.stderr)
     rows, head = [], header(argv)
-    for config in configs:
-        for mode in modes:
-            methods = [m for m in args.methods if mode == "eager" or m in COMPILABLE]
-            new = steady_rows(config, mode, methods, args)
-            torch.cuda.empty_cache() if cuda else None  # the config's pipelines are gone
-            for row in new:
-                if row["method"] in args.first_image_methods:
-                    row.update(first_images(config, row["method"], mode, args))
-                    print(json.dumps(row), flush=True)
-            rows += new
-            write_outputs(Path(args.out), rows, head)  # after each config: a run cut short keeps what it measured
+    try:
+        for config in configs:
+            for mode in modes:
+                methods = [m for m in args.methods if mode == "eager" or m in COMPILABLE]
+                new = steady_rows(config, mode, methods, args)
+                torch.cuda.empty_cache() if cuda else None  # the config's pipelines are gone
+                for row in new:
+                    if row["method"] in args.first_image_methods:
+                        row.update(first_images(config, row["method"], mode, args))
+                        print(json.dumps(row), flush=True)
+                rows += new
+                write_outputs(Path(args.out), rows, head)  # after each config: a run cut short keeps what it measured
+    except BaseException:
+        remove_made_folders(Path(args.out), made)  # where nothing was written yet
+        raise
     print(markdown(rows, head))
     print(f"({time.perf_counter() - started:.0f} s)")
 

@@ -24,8 +24,10 @@ REPO = Path(__file__).parent.parent
 def generate(tmp_path, *args):
     out = tmp_path / "out"
     # --min-tokens 0: the tiny model's blocks are below the default 8192 tokens and would not be merged
-    main(["generate", "a red cube", "a blue ball", "--model", "tiny", "--steps", "3", "--min-tokens", "0", "--out",
-          str(out), *args])  # fmt: skip
+    # (an agentsd setting: not for the methods that patch nothing)
+    patched = not any(args[i : i + 2] in (("--method", "baseline"), ("--method", "deepcache")) for i in range(len(args)))
+    main(["generate", "a red cube", "a blue ball", "--model", "tiny", "--steps", "3", *(["--min-tokens", "0"] * patched),
+          "--out", str(out), *args])  # fmt: skip
     return out
 
 
@@ -36,6 +38,7 @@ def test_generate_writes_pngs_with_metadata(tmp_path, method, capsys):
     assert [f.name for f in files] == ["00000.png", "00001.png"]
     meta = Image.open(files[1]).text
     assert meta["prompt"] == "a blue ball" and meta["seed"] == "8" and meta["model"] == "tiny" and meta["method"] == method
+    assert meta["batch_size"] == "2"  # without guidance an odd batch merges otherwise (tomesd's rule)
     settings = json.loads(meta["settings"])
     assert settings == ({} if method == "baseline" else json.loads(meta["agentsd"])["settings"])
     if method == "tome":
@@ -50,12 +53,18 @@ def test_a_second_run_into_the_same_folder_adds_images(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "00002.png", "00003.png"]
     assert all((out / name).read_bytes() == data for name, data in first.items())  # the first run's, untouched
     assert Image.open(out / "00002.png").text["seed"] == "5"
+    (out / "².png").write_bytes(b"")  # a digit to str.isdigit, not to int()
+    main(["generate", "--model", "tiny", "a cat", "--steps", "1", "a dog", "--out", str(out)])  # prompts around options
+    assert sorted(p.name for p in out.glob("0*.png"))[-2:] == ["00004.png", "00005.png"]
 
 
 @pytest.mark.parametrize("args", [["benchmark"], ["benchmark", "sped"]])
 def test_benchmark_names_its_two_kinds(args, capsys):
     code, err = run_main(args, capsys)
     assert_one_line_error(code, err, "choose speed or fid", prog="agentsd benchmark")
+    with pytest.raises(SystemExit) as exit_:
+        main(["benchmark", "--help"])
+    assert exit_.value.code == 0 and "agentsd benchmark speed ... (whole generations) or agentsd benchmark fid" in capsys.readouterr().out
 
 
 def test_tome_takes_the_given_stride(tmp_path):
@@ -96,6 +105,63 @@ def test_saved_pipeline_loads_through_the_model_argument(tmp_path):
     assert Image.open(out / "00000.png").size == (64, 64)
 
 
+def test_only_text_to_image_unet_pipelines(tmp_path, capsys):
+    """Every method, the baseline too, needs what it times and records: prompts in, a Stable Diffusion UNet."""
+    from diffusers import DDPMPipeline, DDPMScheduler, StableDiffusionImg2ImgPipeline, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=8)  # fmt: skip
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    StableDiffusionImg2ImgPipeline(**tiny_pipeline("sd15").components).save_pretrained(tmp_path / "img2img")
+    for model, message in (("ddpm", "argument --model: agentsd supports"), ("img2img", "StableDiffusionImg2ImgPipeline takes an input image")):
+        for method in ("baseline", "agentsd"):
+            out = tmp_path / "out" / model
+            code, err = run_main(["generate", "x", "--model", str(tmp_path / model), "--method", method, "--out", str(out)], capsys)
+            assert_one_line_error(code, err, message)
+            assert not (tmp_path / "out").exists()
+
+
+class SavingInterrupted:
+    """save_png that Ctrl-C stops at image `at` (0: the first), midway through writing it."""
+
+    def __init__(self, at):
+        self.at, self.calls, self.save_png = at, 0, agentsd.generate.save_png
+
+    def __call__(self, path, image, metadata):
+        self.calls += 1
+        if self.calls > self.at:
+            image.save = lambda target, **kw: (Path(target).write_bytes(b"\x89PNG half"), (_ for _ in ()).throw(KeyboardInterrupt()))
+        self.save_png(path, image, metadata)
+
+
+@pytest.mark.parametrize("at", [0, 1])
+def test_ctrl_c_says_what_is_saved_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys, at):
+    monkeypatch.setattr(agentsd.generate, "save_png", SavingInterrupted(at).__call__)
+    out = tmp_path / "new" / "out"
+    code, err = run_main(["generate", "a", "b", "c", "--model", "tiny", "--steps", "1", "--out", str(out)], capsys)
+    assert code == 130 and "Traceback" not in err
+    saved = "1 of 3 images saved (00000.png to 00000.png)" if at else "0 of 3 images saved"
+    assert err.strip().splitlines()[-1] == f"agentsd generate: interrupted; {saved}"
+    if at:
+        assert sorted(p.name for p in out.iterdir()) == ["00000.png"]
+        Image.open(out / "00000.png").load()
+    else:
+        assert not (tmp_path / "new").exists()  # the folders it made, removed again
+
+
+def test_files_written_whole_leave_nothing_when_interrupted(tmp_path, monkeypatch):
+    from agentsd import files
+
+    files.write_whole(tmp_path / "a.json", "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not mkstemp's 0600
+    monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        files.write_whole(tmp_path / "b.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
 def run_main(args, capsys) -> tuple[int, str]:
     """(exit code, stderr) of an in-process `agentsd` run that exits."""
     with pytest.raises(SystemExit) as exit_info:
@@ -122,6 +188,10 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--min-tokens", "-1"], "argument --min-tokens: must be a whole number >= 0"),
     (["x", "--deepcache", "0"], "argument --deepcache: must be a whole number >= 1"),
     (["x", "--method", "tome", "--agent-ratio", "0.9"], "--agent-ratio must be 0 with method 'tome' (plain ToMe)"),
+    (["x", "--method", "baseline", "--k-scale2", "0.5"], "argument --k-scale2: an agentsd setting, for --method tome"),
+    (["x", "--method", "deepcache", "--ratio", "0.5"], "argument --ratio: an agentsd setting"),
+    (["x", "--method", "baseline", "--no-rand"], "argument --no-rand: an agentsd setting"),
+    (["x", "y", "--seed", str(2**63 - 1)], "argument --seed: image i uses seed + i, below 2**63: at most 2**63 - 2"),
     (["x", "--max-downsample", "3"], "argument --max-downsample: invalid choice: 3"),
     (["x", "--attn-precision", "fp8"], "argument --attn-precision: invalid choice"),
     (["x", "--scheduler", "fast"], "argument --scheduler: invalid choice"),
@@ -273,8 +343,8 @@ def test_deepcache_methods_turn_deepcache_on(tmp_path, capsys):
 
 
 def test_ratio_0_is_the_baseline_bit_for_bit(tmp_path):
-    for method in ("baseline", "agentsd"):  # --min-tokens 0: the tiny model's blocks go through the patch too
-        main(["generate", "a red cube", "--model", "tiny", "--steps", "2", "--method", method, "--ratio", "0",
-              "--min-tokens", "0", "--out", str(tmp_path / method)])  # fmt: skip
+    for method, settings in (("baseline", []), ("agentsd", ["--ratio", "0", "--min-tokens", "0"])):  # --min-tokens 0:
+        main(["generate", "a red cube", "--model", "tiny", "--steps", "2", "--method", method, *settings,  # the tiny
+              "--out", str(tmp_path / method)])  # fmt: skip                           # model's blocks go through the patch too
     baseline, agentsd_0 = (np.asarray(Image.open(tmp_path / m / "00000.png")) for m in ("baseline", "agentsd"))
     np.testing.assert_array_equal(agentsd_0, baseline)

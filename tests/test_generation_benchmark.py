@@ -3,6 +3,7 @@ CPU: the tiny configuration; no timings asserted)."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,12 +72,19 @@ def test_a_missing_peer_package_is_named(tmp_path, capsys, monkeypatch):
     assert 'needs the DeepCache package: pip install "agentsd[deepcache]"' in capsys.readouterr().err
 
 
-def test_out_that_is_a_file_is_refused(tmp_path, capsys):
-    out = tmp_path / "file"
-    out.write_text("keep")
-    with pytest.raises(SystemExit):
-        speed_benchmark.main(["--out", str(out)])
-    assert "is a file" in capsys.readouterr().err and out.read_text() == "keep"
+def test_an_out_that_cannot_be_written_is_refused_before_running(tmp_path, capsys, monkeypatch):
+    """A file, a path under a file, a folder that cannot be made: exit 2 before a minute is measured (the
+    results are written after the first config)."""
+    monkeypatch.setattr(speed_benchmark, "steady_rows", lambda *a: pytest.fail("the benchmark ran"))
+    file = tmp_path / "file"
+    file.write_text("keep")
+    for out, message in ((file, "is a file, not a folder"), (file / "sub", "is a file, so"),
+                         (Path("/proc/agentsd-test/out"), "cannot make the folder /proc/agentsd-test/out")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            speed_benchmark.main(["--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "error: --out: " in err and message in err, err
+    assert file.read_text() == "keep" and not Path("/proc/agentsd-test").exists()
 
 
 def test_agentsd_benchmark_speed_is_this_benchmark(tmp_path, capsys):
