@@ -32,13 +32,14 @@ from .environment import versions
 from .features import load_feature_network
 from .files import write_whole
 from .generate import Job, generate_images, save_png
-from .options import finite_float, make_output_folder, nonnegative_int, positive_int
+from .options import finite_float, make_output_folder, nonnegative_int, positive_int, remove_made_folders
 from .pipelines import (
     DEEPCACHE_INTERVAL,
     DTYPES,
     METHODS,
     LoadError,
     check_deepcache_installed,
+    check_text_to_image,
     load_pipeline,
     max_steps,
     patch_pipeline,
@@ -54,6 +55,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".JPEG", ".webp", ".bmp"}
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION = "Inception-v3 pool3 (torch-fidelity, the pytorch-fid weights)"
 PLOT = "fid_vs_time.png"
+# what the images record that an option sets: a resume error names the option to change back
+OPTIONS_OF_RECORD = {"prompt": "--prompts-file, --images-per-class", "seed": "--seed", "model": "--model",
+                     "steps": "--steps", "guidance": "--guidance", "scheduler": "--scheduler", "dtype": "--dtype",
+                     "settings": "--min-tokens, --seed", "deepcache": "--deepcache-interval",
+                     "size": "--height, --width"}  # fmt: skip
+TIMING_KEYS = {"seconds", "images", "peak_gb"}
 
 
 class BenchmarkError(Exception):
@@ -111,6 +118,10 @@ def run(args, feature=None) -> list[dict] | None:
     if metric is not None and state.is_main_process:
         add_real_images(metric, args, device)  # bad real images or statistics stop the run before it generates
     pipe = load_pipeline(args.model, dtype=dtype, device=device, scheduler=args.scheduler)
+    try:
+        check_text_to_image(pipe)
+    except TypeError as error:
+        raise BenchmarkError(f"--model: {error}") from None
     limit = max_steps(pipe.scheduler)
     if args.steps > limit:
         raise BenchmarkError(f"--steps must be at most {limit} (the scheduler's training timesteps less one), got "
@@ -119,32 +130,15 @@ def run(args, feature=None) -> list[dict] | None:
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts(args))]
     check_earlier_images(out, args, pipe, runs, jobs)
     try:
-        make_output_folder(out)
+        made = make_output_folder(out)
     except ValueError as error:
         raise BenchmarkError(f"--out: {error}") from None
-
-    for name, method, settings in runs:
-        missing = [job for job in jobs if not image_file(out, name, job).exists()]
-        state.wait_for_everyone()  # every process lists `missing` before any writes, or they split it differently
-        batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
-        mine = [job for batch in batches[state.process_index :: state.num_processes] for job in batch]
-        if mine:
-            metadata = image_metadata(args, pipe, method, settings)
-            patch_pipeline(pipe, settings, deepcache=metadata["deepcache"])
-            try:
-                stats = generate_images(
-                    pipe, mine, save=lambda job, image: _save(out, name, job, image, metadata), steps=args.steps,
-                    guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
-                    progress=state.is_main_process,
-                )  # fmt: skip
-            except ValueError as error:  # the pipeline's own checks, of what is not checked before (a tiny latent)
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise BenchmarkError(f"the pipeline stopped at --height {args.height} --width {args.width} --steps "
-                                     f"{args.steps} ({type(pipe.scheduler).__name__}): {reason}") from None  # fmt: skip
-            unpatch_pipeline(pipe)
-            timing = dict(seconds=stats.timed_seconds, images=stats.timed_images, peak_gb=stats.peak_gb)
-            (out / "runs").mkdir(parents=True, exist_ok=True)
-            (out / "runs" / f"{name}.rank{state.process_index}.json").write_text(json.dumps(timing))
+    try:
+        for name, method, settings in runs:
+            generate_run(args, state, pipe, out, name, method, settings, jobs)
+    except BaseException:  # an error or Ctrl-C before the first image: no empty --out folders left behind
+        remove_made_folders(out, made)
+        raise
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -153,11 +147,71 @@ def run(args, feature=None) -> list[dict] | None:
     return results
 
 
+def generate_run(args, state, pipe, out: Path, name: str, method: str, settings: dict, jobs: list[Job]) -> None:
+    """This process's share of the run's missing images, and their seconds and peak memory in runs/."""
+    redo = read_timings(out, name) is None  # a timing file torn by an interrupt: the run is made again, timed
+    missing = jobs if redo else [job for job in jobs if not image_file(out, name, job).exists()]
+    state.wait_for_everyone()  # every process lists `missing` before any writes, or they split it differently
+    if redo and state.is_main_process:
+        for path in timing_files(out, name):  # every process's, or a stale one would add to the new timings
+            path.unlink()
+    state.wait_for_everyone()  # removed before any process writes its new one
+    batches = [missing[i : i + args.batch_size] for i in range(0, len(missing), args.batch_size)]
+    mine = [job for batch in batches[state.process_index :: state.num_processes] for job in batch]
+    if not mine:
+        return
+    metadata = image_metadata(args, pipe, method, settings)
+    patch_pipeline(pipe, settings, deepcache=metadata["deepcache"])
+    try:
+        stats = generate_images(
+            pipe, mine, save=lambda job, image: _save(out, name, job, image, metadata), steps=args.steps,
+            guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
+            progress=state.is_main_process,
+        )  # fmt: skip
+    except ValueError as error:  # the pipeline's own checks, of what is not checked before (a tiny latent)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BenchmarkError(f"the pipeline stopped at --height {args.height} --width {args.width} --steps "
+                             f"{args.steps} ({type(pipe.scheduler).__name__}): {reason}") from None  # fmt: skip
+    unpatch_pipeline(pipe)
+    timing = dict(seconds=stats.timed_seconds, images=stats.timed_images, peak_gb=stats.peak_gb)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    write_whole(timing_file(out, name, state.process_index), json.dumps(timing))  # never torn by an interrupt
+
+
+def timing_file(out: Path, run: str, rank: int | str) -> Path:
+    return out / "runs" / f"{run}.rank{rank}.json"
+
+
+def timing_files(out: Path, run: str) -> list[Path]:
+    """Every process's timing file of the run."""
+    return sorted(out.glob(str(timing_file(Path(), run, "*"))))
+
+
+def read_timings(out: Path, run: str) -> list[dict] | None:
+    """The run's timings, one a process that made images; None where one cannot be read (torn by an
+    interrupt: agentsd wrote them in place before it wrote them whole)."""
+    timings = []
+    for path in timing_files(out, run):
+        try:
+            timing = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # ValueError: not UTF-8, or not JSON
+            return None
+        if not (isinstance(timing, dict) and TIMING_KEYS <= timing.keys()):
+            return None
+        timings.append(timing)
+    return timings
+
+
+def dtype_name(pipe) -> str:
+    return str(pipe.unet.dtype).removeprefix("torch.")
+
+
 def image_metadata(args, pipe, method: str, settings: dict) -> dict:
     """What a run's images are made with, as their PNGs record it (with each image's prompt and seed)."""
     deepcache = args.deepcache_interval if uses_deepcache(method) else None
     return dict(model=args.model, method=method, steps=args.steps, guidance=args.guidance,
-                scheduler=type(pipe.scheduler).__name__, settings=settings, deepcache=deepcache)  # fmt: skip
+                scheduler=type(pipe.scheduler).__name__, dtype=dtype_name(pipe), settings=settings,
+                deepcache=deepcache)  # fmt: skip
 
 
 def check_earlier_images(out: Path, args, pipe, runs, jobs) -> None:
@@ -171,16 +225,27 @@ def check_earlier_images(out: Path, args, pipe, runs, jobs) -> None:
             if not path.exists():
                 continue
             expected = dict(prompt=job.prompt, seed=job.seed, **made)
-            try:
-                with Image.open(path) as image:
-                    found = dict(json.loads(image.info.get("agentsd", "{}")), size=list(image.size))
-            except (OSError, ValueError):  # not a PNG, or not one of ours
-                found = {}
+            found = recorded_settings(out, path)
             different = next((key for key in expected if found.get(key) != expected[key]), None)
             if different:
-                raise BenchmarkError(f"--out {out}: {path} was made with {different} {found.get(different)!r}, this run "
-                                     f"has {expected[different]!r}; give another --out, or remove {path.parent} to "
-                                     "make its images again")  # fmt: skip
+                option = f" ({OPTIONS_OF_RECORD[different]})" if different in OPTIONS_OF_RECORD else ""
+                made_with = (f"was made with {different} {found[different]!r}" if different in found
+                             else f"records no {different} (an earlier agentsd's, or not agentsd's)")  # fmt: skip
+                raise BenchmarkError(f"--out {out}: {path} {made_with}, this run has {expected[different]!r}"
+                                     f"{option}; give another --out, or remove {path.parent} to make its images "
+                                     "again")  # fmt: skip
+
+
+def recorded_settings(out: Path, path: Path) -> dict:
+    """What an image in --out records it was made with, and its size; an error naming it if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            found = dict(json.loads(image.info.get("agentsd", "{}")), size=list(image.size))
+            image.verify()  # to its end: a truncated PNG opens, and fails only where it is measured
+    except (OSError, SyntaxError, TypeError, ValueError) as error:  # PIL says SyntaxError for a broken PNG
+        raise BenchmarkError(f"--out {out}: cannot read the image {path} ({type(error).__name__}: {error}); remove "
+                             "it to make it again") from None  # fmt: skip
+    return found
 
 
 def check(args) -> list[tuple[str, str, dict]]:
@@ -201,7 +266,11 @@ def check(args) -> list[tuple[str, str, dict]]:
                 settings = patch_settings(method, ratio, seed=args.seed, min_tokens=args.min_tokens)
             except (TypeError, ValueError) as error:
                 raise BenchmarkError(f"--ratios {ratio:g} (--methods {method}): {error}") from None
-            runs.append((method if method in ("baseline", "deepcache") else f"{method}-{ratio:g}", method, settings))
+            name = method if method in ("baseline", "deepcache") else f"{method}-{ratio:g}"
+            if any(name == earlier for earlier, _, _ in runs):  # one images folder, scored twice
+                raise BenchmarkError(f"--ratios {ratio!r} gives the run {name} a second time (ratios equal to 6 "
+                                     "significant digits share its images); give each ratio once")  # fmt: skip
+            runs.append((name, method, settings))
     if args.prompts_file:
         path = Path(args.prompts_file)
         try:
@@ -210,7 +279,14 @@ def check(args) -> list[tuple[str, str, dict]]:
             raise BenchmarkError(f"--prompts-file {path}: cannot read it as UTF-8 ({type(error).__name__})") from None
         if not [line for line in lines if line.strip()]:
             raise BenchmarkError(f"--prompts-file {path} is missing or has no prompts (one a line)")
-    if not args.no_fid:
+    if args.no_fid:
+        fid_options = {"--real-dir": args.real_dir, "--real-stats": args.real_stats, "--features": args.features,
+                       "--inception-weights": args.inception_weights}  # fmt: skip
+        given = [option for option, value in fid_options.items() if value is not None]
+        if given:
+            raise BenchmarkError(f"--no-fid excludes {', '.join(given)}: it measures no FID, so it takes no real "
+                                 "images or feature network")  # fmt: skip
+    else:
         if args.real_dir is None and args.real_stats is None:
             raise BenchmarkError("FID needs --real-dir or --real-stats (or --no-fid to only generate and time)")
         if args.real_dir is not None and not _image_files(Path(args.real_dir)):
@@ -240,9 +316,10 @@ def read_real_statistics(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def prompts(args) -> list[str]:
     if args.prompts_file:
-        lines = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        text = Path(args.prompts_file).read_text(encoding="utf-8")  # as check() reads it, whatever the locale
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         return [lines[i % len(lines)] for i in range(args.num_images)]
-    classes = CLASSES_FILE.read_text().splitlines()
+    classes = CLASSES_FILE.read_text(encoding="utf-8").splitlines()
     return [TEMPLATE.format(classes[(i // args.images_per_class) % len(classes)]) for i in range(args.num_images)]
 
 
@@ -337,7 +414,7 @@ def measure(args, runs, jobs, metric, device) -> list[dict]:
     lpips = _lpips(device)
     results = []
     for name, method, settings in runs:
-        timings = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{name}.rank*.json"))]
+        timings = read_timings(out, name) or []  # written whole just now
         seconds, images = sum(t["seconds"] for t in timings), sum(t["images"] for t in timings)
         peaks = [t["peak_gb"] for t in timings if t["peak_gb"] is not None]
         row = dict(run=name, method=method, ratio=settings.get("ratio", 0.0), images=len(jobs),
@@ -385,7 +462,7 @@ def setup(args, pipe, features: str | None) -> dict:
         prompt_source = f"{TEMPLATE!r} over the ImageNet-1k classes, {args.images_per_class} per class"
     return dict(
         model=args.model, steps=args.steps, scheduler=type(pipe.scheduler).__name__, guidance=args.guidance,
-        height=args.height, width=args.width, dtype=str(pipe.unet.dtype).removeprefix("torch."),
+        height=args.height, width=args.width, dtype=dtype_name(pipe),
         device=str(pipe.device), batch_size=args.batch_size, seed=args.seed, num_images=args.num_images,
         prompts=prompt_source, features=features or "none (--no-fid)", real=real, versions=versions(),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=getattr(args, "command", None),

@@ -113,12 +113,15 @@ def test_only_text_to_image_unet_pipelines(tmp_path, capsys):
                        up_block_types=("UpBlock2D",) * 2, norm_num_groups=8)  # fmt: skip
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
     StableDiffusionImg2ImgPipeline(**tiny_pipeline("sd15").components).save_pretrained(tmp_path / "img2img")
-    for model, message in (("ddpm", "argument --model: agentsd supports"), ("img2img", "StableDiffusionImg2ImgPipeline takes an input image")):
+    for model, message in (("ddpm", "--model: agentsd supports"), ("img2img", "StableDiffusionImg2ImgPipeline takes an input image")):
+        out = str(tmp_path / "out" / model)
         for method in ("baseline", "agentsd"):
-            out = tmp_path / "out" / model
-            code, err = run_main(["generate", "x", "--model", str(tmp_path / model), "--method", method, "--out", str(out)], capsys)
+            code, err = run_main(["generate", "x", "--model", str(tmp_path / model), "--method", method, "--out", out], capsys)
             assert_one_line_error(code, err, message)
-            assert not (tmp_path / "out").exists()
+        code, err = run_main(["benchmark", "fid", "--model", str(tmp_path / model), "--no-fid", "--num-images", "1",
+                              "--steps", "1", "--out", out], capsys)  # fmt: skip
+        assert_one_line_error(code, err, message, prog="agentsd benchmark fid")
+        assert not (tmp_path / "out").exists()
 
 
 class SavingInterrupted:

@@ -62,10 +62,14 @@ def test_end_to_end_writes_everything_and_resumes(tmp_path, real_dir):
 
     removed = out / "images" / "agentsd-0.5" / "00002.png"
     os.remove(removed)
+    torn = out / "runs" / "tome-0.3.rank0.json"
+    torn.write_text(torn.read_text()[:5])  # as an interrupt left it before timings were written whole
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("images/*/*.png")}
     again = fid_benchmark.run(fid_benchmark.parse_args(benchmark_args(tmp_path, real_dir)), feature=StandInFeatures())
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing generated twice
-    assert removed.exists()  # but the missing image is back
+    remade = {p for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert remade == set((out / "images" / "tome-0.3").glob("*.png"))  # the torn timing's run, nothing else
+    assert removed.exists()  # and the missing image is back
+    assert again[1]["run"] == "tome-0.3" and again[1]["s_per_image"] > 0
     assert [r["fid"] for r in again] == pytest.approx([r["fid"] for r in results], rel=1e-6)
 
 
@@ -105,6 +109,8 @@ def run_cli(args, capsys) -> tuple[int, str]:
     (["--methods", "fast"], "argument --methods: invalid choice: 'fast'"),
     (["--ratios", "1.2"], "--ratios 1.2 (--methods tome): ratio must be in [0, 1)"),
     (["--ratios", "nan"], "argument --ratios: must be a finite number"),
+    (["--no-fid", "--ratios", "0.3", "0.3000001"], "--ratios 0.3000001 gives the run tome-0.3 a second time"),
+    (["--no-fid", "--ratios", "0.5", "0.5"], "--ratios 0.5 gives the run tome-0.5 a second time"),
     (["--real-dir", "MISSING"], "--real-dir MISSING does not exist or holds no images"),
     (["--prompts-file", "EMPTY"], "--prompts-file EMPTY is missing or has no prompts"),
     (["--num-images", "0"], "argument --num-images: must be a whole number >= 1"),
@@ -127,6 +133,9 @@ def run_cli(args, capsys) -> tuple[int, str]:
     (["--features", "FEATURES.py:failing"], "failing() failed (RuntimeError: no weights here)"),
     (["--features", "FEATURES.py:not_a_module"], "torchmetrics' FID does not take it"),
     (["--no-fid", "--steps", "1000"], "--steps must be at most 999"),
+    (["--no-fid", "--height", "8", "--width", "8", "--batch-size", "1"], "the pipeline stopped at --height 8"),
+    (["--no-fid", "--real-dir", "BROKEN", "--features", STANDIN], "--no-fid excludes --real-dir, --features: it"),
+    (["--no-fid", "--real-stats", "DIM8.npz", "--inception-weights", "FILE"], "--real-stats, --inception-weights"),
 ])  # fmt: skip
 def test_bad_input(tmp_path, real_dir, args, message, capsys):
     (tmp_path / "EMPTY").write_text("\n")
@@ -143,7 +152,7 @@ def test_bad_input(tmp_path, real_dir, args, message, capsys):
     args, message = [path(a) for a in args], " ".join(path(w) for w in message.split(" "))
     before = sorted(tmp_path.rglob("*"))
     base = benchmark_args(tmp_path, real_dir)
-    if "--real-stats" in args:  # --real-dir and --real-stats exclude each other
+    if "--real-stats" in args or "--no-fid" in args:  # each excludes --real-dir
         del base[base.index("--real-dir") : base.index("--real-dir") + 2]
     code, err = run_cli([*base, *args], capsys)
     assert code == 2 and "Traceback" not in err, err
@@ -181,11 +190,29 @@ def test_images_another_setting_left_in_out_are_not_reused(tmp_path, capsys):
             "agentsd", "--ratios", "0.5", "--no-fid", "--out", str(out), "--device", "cpu"]  # fmt: skip
     cli.main(["benchmark", *args])
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    for change, message in [(["--steps", "3"], "00000.png was made with steps 2, this run has 3"),
-                            (["--height", "72"], "00000.png was made with size [64, 64], this run has [64, 72]")]:
+    for change, message in [(["--steps", "3"], "00000.png was made with steps 2, this run has 3 (--steps)"),
+                            (["--height", "72"], "00000.png was made with size [64, 64], this run has [64, 72]"),
+                            (["--dtype", "bf16"], "00000.png was made with dtype 'float32', this run has 'bfloat16'")]:
         code, err = run_cli([*args, *change], capsys)
         assert code == 2 and message in err.strip().splitlines()[-1] and "give another --out" in err, err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps  # nothing written
+    image = out / "images" / "agentsd-0.5" / "00001.png"
+    whole = image.read_bytes()
+    for broken in (b"", whole[: len(whole) // 2]):  # empty, and cut short: that one opens, but does not load
+        image.write_bytes(broken)
+        code, err = run_cli(args, capsys)
+        assert code == 2 and f"cannot read the image {image}" in err.strip().splitlines()[-1], err
+
+
+def test_prompts_file_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """Under LC_ALL=C PYTHONUTF8=0 a file is read as ASCII unless an encoding is given."""
+    read_text = Path.read_text
+    c_locale = lambda path, encoding=None, errors=None: read_text(path, encoding or "ascii", errors)  # noqa: E731
+    monkeypatch.setattr(Path, "read_text", c_locale)
+    (tmp_path / "prompts.txt").write_bytes("a café\nnaïve\n".encode())
+    args = fid_benchmark.parse_args(["--prompts-file", str(tmp_path / "prompts.txt"), "--num-images", "3", "--no-fid"])
+    fid_benchmark.check(args)
+    assert fid_benchmark.prompts(args) == ["a café", "naïve", "a café"]
 
 
 def test_step_caching_is_a_method_too(tmp_path):
