@@ -153,6 +153,8 @@ def generate(args, parser) -> None:
         except ImportError as error:
             parser.error(f"argument {'--deepcache' if args.deepcache else '--method'}: {error}")
     exit_if_broken_install(parser)
+    import torch
+
     from .generate import Job, generate_images, save_png
     from .pipelines import LoadError, check_text_to_image, load_pipeline, max_steps, patch_pipeline, resolve_device
 
@@ -197,9 +199,14 @@ def generate(args, parser) -> None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         parser.error(f"the pipeline stopped at --height {height} --width {width} --steps {args.steps} "
                      f"({type(pipe.scheduler).__name__}): {reason}")  # fmt: skip
-    except (KeyboardInterrupt, OSError) as error:  # Ctrl-C, a full disk: say what is saved, no traceback
+    except (KeyboardInterrupt, OSError, torch.OutOfMemoryError) as error:  # say what is saved, no traceback
         remove_made_folders(out, made)
-        stopped = "interrupted" if isinstance(error, KeyboardInterrupt) else f"cannot write in {out} ({error.strerror or error})"
+        if isinstance(error, KeyboardInterrupt):
+            stopped = "interrupted"
+        elif isinstance(error, torch.OutOfMemoryError):
+            stopped = f"out of memory on {device} at --height {height} --width {width} --batch-size {args.batch_size}"
+        else:  # a full disk, say
+            stopped = f"cannot write in {out} ({error.strerror or error})"
         print(f"{parser.prog}: {stopped}; {len(saved)} of {len(jobs)} images saved"
               + (f" ({saved[0].name} to {saved[-1].name})" if saved else ""), file=sys.stderr)  # fmt: skip
         sys.exit(130 if isinstance(error, KeyboardInterrupt) else 1)

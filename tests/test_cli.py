@@ -152,6 +152,20 @@ def test_ctrl_c_says_what_is_saved_and_leaves_no_partial_file(tmp_path, monkeypa
         assert not (tmp_path / "new").exists()  # the folders it made, removed again
 
 
+def test_out_of_memory_names_the_size_not_a_traceback(tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    monkeypatch.setattr(agentsd.generate, "generate_images", out_of_memory)
+    out = tmp_path / "out"
+    code, err = run_main(["generate", "a", "--model", "tiny", "--height", "4096", "--width", "4096", "--device", "cpu",
+                          "--out", str(out)], capsys)  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("agentsd generate: out of memory on cpu at --height 4096 --width 4096 "
+                                            "--batch-size 1; 0 of 1 images saved")  # fmt: skip
+    assert not out.exists()
+
+
 def test_files_written_whole_leave_nothing_when_interrupted(tmp_path, monkeypatch):
     from agentsd import files
 
