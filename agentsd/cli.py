@@ -155,7 +155,7 @@ def generate(args, parser) -> None:
     exit_if_broken_install(parser)
     import torch
 
-    from .generate import Job, generate_images, save_png
+    from .generate import Job, claim_png, generate_images, save_png
     from .pipelines import LoadError, check_text_to_image, load_pipeline, max_steps, patch_pipeline, resolve_device
 
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
@@ -181,13 +181,18 @@ def generate(args, parser) -> None:
                   width=width, scheduler=type(pipe.scheduler).__name__, dtype=str(dtype).removeprefix("torch."),
                   settings=settings, deepcache=deepcache, batch_size=args.batch_size, version=__version__)  # fmt: skip
 
-    # numbered on from the images already in --out (as CompVis' txt2img does): a second run adds, never overwrites
+    # numbered on from the images already in --out (as CompVis' txt2img does): a second run adds, never
+    # overwrites, also while it runs (claim_png)
     first = 1 + max((int(p.stem) for p in out.glob("*.png") if re.fullmatch("[0-9]+", p.stem)), default=-1)
     saved = []
 
     def save(job, image):
-        path = out / f"{first + job.index:05d}.png"
-        save_png(path, image, dict(prompt=job.prompt, seed=job.seed, **common))
+        path = claim_png(out, int(saved[-1].stem) + 1 if saved else first)
+        try:
+            save_png(path, image, dict(prompt=job.prompt, seed=job.seed, **common))
+        except BaseException:
+            path.unlink(missing_ok=True)  # the empty file that claimed the name
+            raise
         saved.append(path)
 
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts)]

@@ -79,6 +79,18 @@ def generate_images(pipe, jobs: list[Job], *, save, steps: int, guidance: float,
     return stats
 
 
+def claim_png(folder: Path, number: int) -> Path:
+    """The first NNNNN.png from `number` on that nothing holds, created empty (O_EXCL) so that runs
+    writing into one folder at once never take the same name (save_png then writes over it)."""
+    while True:
+        path = folder / f"{number:05d}.png"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path
+        except FileExistsError:
+            number += 1
+
+
 def save_png(path: Path, image, metadata: dict) -> None:
     """A PNG with `metadata` in its text chunks: each key, and all of it as JSON under "agentsd".
     Written beside and renamed into place, so that a run killed mid-write leaves no truncated PNG."""

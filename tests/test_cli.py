@@ -58,6 +58,22 @@ def test_a_second_run_into_the_same_folder_adds_images(tmp_path):
     assert sorted(p.name for p in out.glob("0*.png"))[-2:] == ["00004.png", "00005.png"]
 
 
+def test_runs_into_one_folder_at_once_never_take_the_same_name(tmp_path, monkeypatch):
+    """Another run (one per GPU, say) writes 00001.png while this one makes 00000.png: this one goes on at
+    00002.png, leaving the other's image."""
+    out, save_png = tmp_path / "out", agentsd.generate.save_png
+
+    def save_while_another_run_saves(path, image, metadata):
+        save_png(path, image, metadata)
+        if path.name == "00000.png":
+            (out / "00001.png").write_bytes(b"the other run's")
+
+    monkeypatch.setattr(agentsd.generate, "save_png", save_while_another_run_saves)
+    main(["generate", "a", "b", "--model", "tiny", "--steps", "1", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert (out / "00001.png").read_bytes() == b"the other run's" and Image.open(out / "00002.png").text["prompt"] == "b"
+
+
 @pytest.mark.parametrize("args", [["benchmark"], ["benchmark", "sped"]])
 def test_benchmark_names_its_two_kinds(args, capsys):
     code, err = run_main(args, capsys)
