@@ -371,7 +371,8 @@ def plot(rows: list[dict], head: dict) -> bytes:
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(configs))], configs)
         ax.set_ylabel("speed-up over the baseline (whole generation)")
         ax.set_title(mode)
-    axes[0][0].legend(fontsize=8)
+    if methods:  # the baseline alone has no bars to name
+        axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{head['gpu']}, {head['date'][:10]}", fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -131,3 +131,12 @@ def test_memory_is_read_from_an_image_after_the_warm_up(monkeypatch):
     for pipe in pipes:
         own = [reads for p, reads in calls if p is pipe]
         assert own == [False, True, False]  # warm-up, the image whose memory is read, one timed round
+
+
+def test_the_plot_of_the_baseline_alone_warns_of_nothing():
+    import warnings
+
+    rows = [dict(config="tiny", mode="eager", method="baseline", speedup=1.0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib: "No artists with labels found to put in legend"
+        assert speed_benchmark.plot(rows, dict(gpu="cpu", date="2026-12-06"))[:4] == b"\x89PNG"
