@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import (
 )
 
 from .merge import merge, merge_with_agents, unmerge
-from .nn.functional import agent_attention
+from .nn.functional import _agent_attention as agent_attention  # its shapes are right by construction here
 
 
 # Processors of diffusers that compute softmax(Q K^T / sqrt(d)) V from attn.to_q/to_k/to_v, each its own

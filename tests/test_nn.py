@@ -141,8 +141,8 @@ def test_agent_tokens_replace_the_learned_ones():
     with torch.no_grad():
         net.agent_tokens.copy_(other[0])
     torch.testing.assert_close(net(x, agent_tokens=other)[:1], net(x[:1]))  # nothing of the old tokens is added
-    with pytest.raises(ValueError, match=r"agent_tokens must have shape \(batch, heads, num_agent_tokens"):
-        net(x, agent_tokens=other[:, :, :3])
+    with pytest.raises(ValueError, match=r"agent_tokens must have shape \(batch, heads, n >= 1, dim_head\) = \(2, 2, n, 8\)"):
+        net(x, agent_tokens=other[:1])  # not broadcast over the batch
 
 
 def test_constructor_keywords():
@@ -155,6 +155,45 @@ def test_constructor_keywords():
         AgentSelfAttention(16, num_agent_tokens=4, dropout=1.5)
     with pytest.raises(TypeError):  # keyword-only, as in agent-attention-pytorch 0.1.7
         AgentSelfAttention(16, 4)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: AgentSelfAttention(16, num_agent_tokens=4, heads=0), "heads must be a whole number >= 1, got 0"),
+    (lambda: AgentSelfAttention(16, num_agent_tokens=0), "num_agent_tokens must be a whole number >= 1, got 0"),
+    (lambda: AgentSelfAttention(16, num_agent_tokens=4, dim_head=-2), "dim_head must be a whole number >= 1, got -2"),
+    (lambda: AgentSelfAttention(16, num_agent_tokens=4, heads=2.0), "heads must be a whole number >= 1, got 2.0"),
+    (lambda: AgentSelfAttention(16, num_agent_tokens=4, dropout=None), r"dropout must be a probability in \[0, 1\], got None"),
+    (lambda: AgentSelfAttention(16, num_agent_tokens=4, dropout=True), r"dropout must be a probability in \[0, 1\], got True"),
+    (lambda: AgentTransformer(16, num_agent_tokens=4, depth=0), "depth must be a whole number >= 1, got 0"),
+    (lambda: AgentTransformer(16, num_agent_tokens=4, depth=1, ff_mult=0), "ff_mult must be a number > 0, got 0"),
+    (lambda: AgentTransformer(-1, num_agent_tokens=4, depth=1), "dim must be a whole number >= 1, got -1"),
+])  # fmt: skip
+def test_sizes_out_of_range_are_refused_when_built(make, message):
+    """Not at the first call (0 heads: a ZeroDivisionError inside einops) or never (0 agents: zeros out)."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_op_rejects_inputs_that_do_not_fit_naming_them():
+    """No broadcasting and no silent mismatch: SDPA on the CPU takes 3 values for 5 keys without a word."""
+    q, agents, k, v, agent_keys, mixes = op_inputs(torch.Generator().manual_seed(0))
+    cases = [
+        (dict(v=v[:, :, :30]), "v must have as many tokens as k (50)"),
+        (dict(agents=agents[:1]), "agents must have q's batch and heads (2, 4)"),
+        (dict(k=k[:, :1]), "k must have q's batch and heads (2, 4)"),
+        (dict(agents=agents[0]), "agents must be a tensor (batch, heads, tokens, dim_head), got shape (4, 6, 8)"),
+        (dict(agents=agents[..., :4]), "agents must have q's dim_head 8"),
+        (dict(agents=agents.float()), "agents must have q's dtype torch.float64"),
+        (dict(agent_keys=agent_keys[:, :, :2]), "agent_keys must be as many as agents (6)"),
+        (dict(q=q[:, :, :10], shortcut=0.5), "shortcut adds v to the output, so q and k need as many tokens, got 10 and 50"),
+        (dict(dropout_p=-0.5), "dropout_p must be a probability in [0, 1], got -0.5"),
+        (dict(talking_heads=(mixes[0], mixes[1][:3, :3])), "talking_heads must be two (4, 4) tensors"),
+        (dict(key_padding_mask=[[True] * 50] * 2), "key_padding_mask must be a bool tensor of shape (batch, keys) = (2, 50)"),
+    ]  # fmt: skip
+    for changed, message in cases:
+        inputs = dict(q=q, agents=agents, k=k, v=v) | changed
+        with pytest.raises(ValueError, match=re.escape(message)):
+            agent_attention(**inputs)
 
 
 @pytest.mark.parametrize("talking", [False, True])
@@ -293,9 +332,10 @@ def test_self_attention_matches_agent_attention_pytorch(masked, talking, gate):
     copy_upstream_weights(upstream, ours)
     x, mask, empty_rows = batch_with_padding(masked)
     compare_with_upstream(upstream, ours, x, mask, empty_rows)
-    # agent_tokens= replaces the learned tokens in both
-    carried = torch.randn(3, 4, 6, 8, dtype=torch.float64)
-    compare_with_upstream(upstream, ours, x, mask, empty_rows, agent_tokens=carried)
+    # agent_tokens= replaces the learned tokens in both, as many as given (an earlier layer's, say)
+    for agents in (6, 3):
+        carried = torch.randn(3, 4, agents, 8, dtype=torch.float64)
+        compare_with_upstream(upstream, ours, x, mask, empty_rows, agent_tokens=carried)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -310,3 +350,26 @@ def test_transformer_matches_agent_attention_pytorch(masked, talking, gate, sub_
     copy_upstream_weights(upstream, ours)
     x, mask, empty_rows = batch_with_padding(masked)
     compare_with_upstream(upstream, ours, x, mask, empty_rows)
+
+
+def test_second_derivatives_without_talking_heads_through_the_math_kernel():
+    """A gradient penalty: without talking heads both products are SDPA calls, whose fused kernels have no
+    second derivative; under sdpa_kernel(SDPBackend.MATH) it agrees with agent-attention-pytorch's einsums."""
+    upstream_module = pytest.importorskip("agent_attention_pytorch")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    options = dict(num_agent_tokens=6, dim_head=8, heads=4, talking_heads=False, gate=True)
+    upstream = upstream_module.AgentSelfAttention(32, **options).double()
+    ours = AgentSelfAttention(32, **options).double()
+    copy_upstream_weights(upstream, ours)
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    penalties = []
+    for net in (upstream, ours):
+        xg = x.clone().requires_grad_()
+        with sdpa_kernel(SDPBackend.MATH):
+            (grad,) = torch.autograd.grad(net(xg).square().sum(), xg, create_graph=True)
+            (second,) = torch.autograd.grad(grad.square().sum(), xg)
+        penalties.append(second)
+    assert penalties[1].abs().max() > 0
+    torch.testing.assert_close(penalties[1], penalties[0], rtol=0, atol=1e-12 * penalties[0].abs().max().item())

@@ -37,8 +37,18 @@ def agent_attention(
     (B, H, n, d): the agents as the broadcast's keys, when they differ from the agents that gather
     (agent-attention-pytorch 0.1.7's AgentTransformer projects its agent tokens to both).
     `dropout_p` drops attention weights after the softmax, before any mixing. `return_agent_values`
-    also returns V_A.
+    also returns V_A. Shapes that do not fit raise ValueError naming the argument (none is broadcast).
     """
+    _check_inputs(q, agents, k, v, agent_keys, talking_heads, shortcut, dropout_p)
+    return _agent_attention(q, agents, k, v, scale=scale, agent_scale=agent_scale, shortcut=shortcut,
+                            key_padding_mask=key_padding_mask, talking_heads=talking_heads, agent_keys=agent_keys,
+                            dropout_p=dropout_p, return_agent_values=return_agent_values)  # fmt: skip
+
+
+def _agent_attention(q, agents, k, v, *, scale=None, agent_scale=None, shortcut=0.0, key_padding_mask=None,
+                     talking_heads=None, agent_keys=None, dropout_p=0.0, return_agent_values=False):  # fmt: skip
+    """agent_attention without the checks of its inputs: for callers whose shapes are right by
+    construction (the Stable Diffusion patch, on the host's time of every merged block)."""
     mask = has_keys = None
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, k)
@@ -59,12 +69,41 @@ def agent_attention(
     return (out, agent_values) if return_agent_values else out
 
 
+def _check_inputs(q, agents, k, v, agent_keys, talking_heads, shortcut, dropout_p):
+    """ValueError naming the first argument whose shape, dtype or value does not fit the others."""
+    named = dict(q=q, agents=agents, k=k, v=v) | ({} if agent_keys is None else dict(agent_keys=agent_keys))
+    for name, tensor in named.items():
+        if not torch.is_tensor(tensor) or tensor.ndim != 4:
+            got = f"shape {tuple(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must be a tensor (batch, heads, tokens, dim_head), got {got}")
+    batch, heads, queries, dim_head = q.shape
+    got = lambda name: f"got shape {tuple(named[name].shape)}, {named[name].dtype}"  # noqa: E731 (only when wrong)
+    problems = [
+        *(f"{name} must have q's batch and heads {batch, heads}, {got(name)}" for name, t in named.items() if t.shape[:2] != q.shape[:2]),
+        *(f"{name} must have q's dim_head {dim_head}, {got(name)}" for name, t in named.items() if name != "v" and t.shape[3] != dim_head),
+        *(f"{name} must have q's dtype {q.dtype}, {got(name)}" for name, t in named.items() if t.dtype != q.dtype),
+        *([f"v must have as many tokens as k ({k.shape[2]}), {got('v')}"] if v.shape[2] != k.shape[2] else []),
+        *([f"agent_keys must be as many as agents ({agents.shape[2]}), {got('agent_keys')}"]
+          if agent_keys is not None and agent_keys.shape[2] != agents.shape[2] else []),
+        *([f"shortcut adds v to the output, so q and k need as many tokens, got {queries} and {k.shape[2]}"]
+          if shortcut and queries != k.shape[2] else []),
+        *([f"dropout_p must be a probability in [0, 1], got {dropout_p}"] if not 0.0 <= dropout_p <= 1.0 else []),
+    ]  # fmt: skip
+    if talking_heads is not None and (
+        len(talking_heads) != 2 or any(not torch.is_tensor(m) or tuple(m.shape) != (heads, heads) for m in talking_heads)
+    ):
+        shapes = [tuple(m.shape) if torch.is_tensor(m) else type(m).__name__ for m in talking_heads]
+        problems.append(f"talking_heads must be two ({heads}, {heads}) tensors (gather mix, broadcast mix), got {shapes}")
+    if problems:
+        raise ValueError(problems[0])
+
+
 def _check_key_padding_mask(mask, k):
     batch, _, keys, _ = k.shape
-    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, keys):
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, keys):
         raise ValueError(
             f"key_padding_mask must be a bool tensor of shape (batch, keys) = ({batch}, {keys}), True at real "
-            f"keys; got {mask.dtype} of shape {tuple(mask.shape)}"
+            f"keys; got {f'{mask.dtype} of shape {tuple(mask.shape)}' if torch.is_tensor(mask) else type(mask).__name__}"
         )
 
 

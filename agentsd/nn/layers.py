@@ -28,6 +28,7 @@ class AgentSelfAttention(nn.Module):
     def __init__(self, dim: int, *, num_agent_tokens: int, dim_head: int = 64, heads: int = 8, dropout: float = 0.0,
                  talking_heads: bool = True, gate: bool = True, combine_agent_tokens: bool = False):  # fmt: skip
         super().__init__()
+        _check_sizes(dim=dim, num_agent_tokens=num_agent_tokens, dim_head=dim_head, heads=heads)
         if combine_agent_tokens:
             raise ValueError(
                 "combine_agent_tokens=True is not supported (allowed: False): agent-attention-pytorch 0.1.7 "
@@ -49,11 +50,11 @@ class AgentSelfAttention(nn.Module):
         if agent_tokens is None:
             agents = self.agent_tokens.expand(x.shape[0], -1, -1, -1)
         else:
-            agents = agent_tokens
-            expected = (x.shape[0], self.heads, self.agent_tokens.shape[1], self.dim_head)
-            if tuple(agents.shape) != expected:
-                raise ValueError(f"agent_tokens must have shape (batch, heads, num_agent_tokens, dim_head) = "
-                                 f"{expected}, got {tuple(agents.shape)}")  # fmt: skip
+            agents = agent_tokens  # as many as given (an earlier layer's may be more or fewer)
+            expected = (x.shape[0], self.heads, self.dim_head)
+            if agents.ndim != 4 or (agents.shape[0], agents.shape[1], agents.shape[3]) != expected or not agents.shape[2]:
+                raise ValueError(f"agent_tokens must have shape (batch, heads, n >= 1, dim_head) = ({expected[0]}, "
+                                 f"{expected[1]}, n, {expected[2]}), got {tuple(agents.shape)}")  # fmt: skip
         out, gathered = agent_attention(
             q, agents, k, v, scale=self.scale, key_padding_mask=mask, return_agent_values=True,
             talking_heads=tuple(self.talking_heads) if self.talking_heads is not None else None,
@@ -69,6 +70,14 @@ class AgentSelfAttention(nn.Module):
 
 
 def _checked_dropout(dropout):
-    if not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
     return float(dropout)
+
+
+def _check_sizes(**sizes) -> None:
+    """ValueError naming the first size that is not a whole number >= 1 (0 heads or agents would build a
+    layer that fails, or outputs zeros, only when called)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")

@@ -12,7 +12,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .functional import agent_attention
-from .layers import _checked_dropout
+from .layers import _check_sizes, _checked_dropout
 
 ATTENTION_OPTIONS = ("dropout", "talking_heads", "gate", "sub_layernorm")
 
@@ -47,6 +47,7 @@ class AgentTokenAttention(nn.Module):
     def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, dropout: float = 0.0,
                  talking_heads: bool = True, gate: bool = True, sub_layernorm: bool = False):  # fmt: skip
         super().__init__()
+        _check_sizes(dim=dim, dim_head=dim_head, heads=heads)
         inner = heads * dim_head
         self.heads = heads
         self.scale = dim_head**-0.5
@@ -99,6 +100,9 @@ class AgentTransformer(nn.Module):
     def __init__(self, dim: int, *, num_agent_tokens: int, depth: int, heads: int = 8, dim_head: int = 64,
                  ff_mult: float = 4, final_norm: bool = True, **attention_options):  # fmt: skip
         super().__init__()
+        _check_sizes(dim=dim, num_agent_tokens=num_agent_tokens, depth=depth, heads=heads, dim_head=dim_head)
+        if isinstance(ff_mult, bool) or not isinstance(ff_mult, (int, float)) or not ff_mult > 0:
+            raise ValueError(f"ff_mult must be a number > 0, got {ff_mult!r}")
         unknown = sorted(set(attention_options) - set(ATTENTION_OPTIONS))
         if unknown:
             raise TypeError(f"AgentTransformer got unknown keyword(s) {unknown}; the attention options are "
