@@ -321,15 +321,22 @@ def batch_with_padding(masked):
     return x, mask, [2]
 
 
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("talking, gate", [(True, True), (False, False)])
-def test_self_attention_matches_agent_attention_pytorch(masked, talking, gate):
+def paired_self_attention(**options):
+    """agent-attention-pytorch's AgentSelfAttention (32 wide, 4 heads of 8, 6 agents) and ours with its
+    weights, in float64, from seed 0."""
     upstream_module = pytest.importorskip("agent_attention_pytorch")
     torch.manual_seed(0)
-    options = dict(num_agent_tokens=6, dim_head=8, heads=4, talking_heads=talking, gate=gate)
+    options = dict(num_agent_tokens=6, dim_head=8, heads=4, **options)
     upstream = upstream_module.AgentSelfAttention(32, **options).double()
     ours = AgentSelfAttention(32, **options).double()
     copy_upstream_weights(upstream, ours)
+    return upstream, ours
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("talking, gate", [(True, True), (False, False)])
+def test_self_attention_matches_agent_attention_pytorch(masked, talking, gate):
+    upstream, ours = paired_self_attention(talking_heads=talking, gate=gate)
     x, mask, empty_rows = batch_with_padding(masked)
     compare_with_upstream(upstream, ours, x, mask, empty_rows)
     # agent_tokens= replaces the learned tokens in both, as many as given (an earlier layer's, say)
@@ -355,14 +362,9 @@ def test_transformer_matches_agent_attention_pytorch(masked, talking, gate, sub_
 def test_second_derivatives_without_talking_heads_through_the_math_kernel():
     """A gradient penalty: without talking heads both products are SDPA calls, whose fused kernels have no
     second derivative; under sdpa_kernel(SDPBackend.MATH) it agrees with agent-attention-pytorch's einsums."""
-    upstream_module = pytest.importorskip("agent_attention_pytorch")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    torch.manual_seed(0)
-    options = dict(num_agent_tokens=6, dim_head=8, heads=4, talking_heads=False, gate=True)
-    upstream = upstream_module.AgentSelfAttention(32, **options).double()
-    ours = AgentSelfAttention(32, **options).double()
-    copy_upstream_weights(upstream, ours)
+    upstream, ours = paired_self_attention(talking_heads=False, gate=True)
     x = torch.randn(2, 20, 32, dtype=torch.float64)
     penalties = []
     for net in (upstream, ours):
