@@ -14,6 +14,7 @@ from .options import (
     check_device,
     check_output_folder,
     finite_float,
+    folder,
     guidance_scale,
     image_size,
     make_output_folder,
@@ -232,7 +233,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gen.add_argument("--prompts-file", help="a text file with one prompt a line")
     gen.add_argument("--method", choices=METHODS, default="agentsd")
     gen.add_argument("--ratio", type=finite_float, help=f"token merging ratio, in [0, 1) (default {RATIO})")
-    gen.add_argument("--out", default="outputs/generate", help="folder for the PNG files")
+    gen.add_argument("--out", type=folder, default="outputs/generate", help="folder for the PNG files")
     add_model_arguments(gen)
     add_patch_arguments(gen)
     commands.add_parser("benchmark", add_help=False,

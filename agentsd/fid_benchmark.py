@@ -32,7 +32,7 @@ from .environment import versions
 from .features import load_feature_network
 from .files import write_whole
 from .generate import Job, generate_images, save_png
-from .options import finite_float, make_output_folder, nonnegative_int, positive_int, remove_made_folders
+from .options import finite_float, folder, make_output_folder, nonnegative_int, positive_int, remove_made_folders
 from .pipelines import (
     DEEPCACHE_INTERVAL,
     DTYPES,
@@ -90,7 +90,7 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--inception-weights", help=f"the Inception weights file, if it cannot be downloaded ({INCEPTION_URL})")
     parser.add_argument("--features", help="another feature network for FID (tests, experiments): module:callable "
                         "(importable or in the current folder) or path/to/file.py:callable")
-    parser.add_argument("--out", default="outputs/fid")
+    parser.add_argument("--out", type=folder, default="outputs/fid")
     args = parser.parse_args(argv)
     args.parser = parser
     return args

@@ -40,6 +40,13 @@ def seed(text: str) -> int:
     return value
 
 
+def folder(text: str) -> str:
+    """An --out: not empty (an unset shell variable, say), which would write into the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return text
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)

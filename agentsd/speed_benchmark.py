@@ -37,7 +37,7 @@ from .environment import package_version, versions
 from .files import write_whole
 from .kernels import tuning_seconds
 from .models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, tiny_pipeline
-from .options import check_output_folder, make_output_folder, remove_made_folders
+from .options import check_output_folder, folder, make_output_folder, remove_made_folders
 from .patch import apply_patch
 from .schedule import TRAIN_TIMESTEPS
 
@@ -80,7 +80,7 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--first-image-methods", nargs="*", choices=list(METHODS), metavar="METHOD",
                         help="methods whose first image is timed in fresh processes (default: baseline and agentsd "
                              "where they run; none: skip)")  # fmt: skip
-    parser.add_argument("--out", default="outputs/speed")
+    parser.add_argument("--out", type=folder, default="outputs/speed")
     parser.add_argument("--first-image", nargs=3, metavar=("CONFIG", "METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is not None and not 1 <= args.steps < TRAIN_TIMESTEPS:  # pipelines.max_steps of every config

@@ -74,6 +74,13 @@ def test_runs_into_one_folder_at_once_never_take_the_same_name(tmp_path, monkeyp
     assert (out / "00001.png").read_bytes() == b"the other run's" and Image.open(out / "00002.png").text["prompt"] == "b"
 
 
+@pytest.mark.parametrize("kind", ["speed", "fid"])
+def test_benchmarks_refuse_an_empty_out(kind, capsys):
+    """--out "" (an unset shell variable) would write into the current folder."""
+    code, err = run_main(["benchmark", kind, "--out", "", *(["--no-fid"] if kind == "fid" else [])], capsys)
+    assert_one_line_error(code, err, "argument --out: must name a folder, got an empty string", prog=f"agentsd benchmark {kind}")
+
+
 @pytest.mark.parametrize("args", [["benchmark"], ["benchmark", "sped"]])
 def test_benchmark_names_its_two_kinds(args, capsys):
     code, err = run_main(args, capsys)
@@ -251,6 +258,7 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--seed", "-1"], "argument --seed: must be a whole number in [0, 2**63)"),
     (["x", "--patch-seed", str(2**63)], "argument --patch-seed: must be a whole number in [0, 2**63)"),
     (["x", "--out", "FILE"], "argument --out: FILE is a file, not a folder"),
+    (["x", "--out", ""], "argument --out: must name a folder, got an empty string"),
     (["x", "--out", "FILE/sub"], "argument --out: FILE is a file, so FILE/sub cannot be made"),
     (["x", "--model", "/no/such/folder"], "could not load --model /no/such/folder: there is no such folder"),
     (["x", "--model", "FOLDER"], "the folder has no model_index.json"),
