@@ -20,10 +20,10 @@ from .options import (
     make_output_folder,
     nonnegative_int,
     positive_int,
-    remove_made_folders,
+    removed_if_failing,
     seed,
 )
-from .pipelines import DEEPCACHE_INTERVAL, DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS, uses_deepcache
+from .pipelines import DEEPCACHE_INTERVAL, DEFAULT_MODEL, DTYPES, METHODS, SCHEDULERS, UNPATCHED_METHODS, uses_deepcache
 
 # apply_patch's keywords as options, to name the option in build_config's messages
 PATCH_OPTIONS = {"agent_ratio": "--agent-ratio", "ratio": "--ratio", "sx": "--sx", "sy": "--sy",
@@ -104,7 +104,7 @@ def settings_from(args, parser) -> dict:
     names = ("sx", "sy", "agent_ratio", "max_downsample", "k_scale2", "k_shortcut", "attn_precision", "use_rand",
              "merge_crossattn", "merge_mlp", "min_tokens", "ratio")  # fmt: skip
     given = {name: getattr(args, name) for name in names} | {"seed": args.patch_seed}  # None: not given
-    if args.method in ("baseline", "deepcache"):  # nothing is patched: a setting given would be dropped unseen
+    if args.method in UNPATCHED_METHODS:  # nothing is patched: a setting given would be dropped unseen
         options = [PATCH_OPTIONS[name] for name, value in given.items() if value is not None]
         if options:
             parser.error(f"argument {options[0]}: an agentsd setting, for --method tome, agentsd or agentsd+deepcache, "
@@ -157,7 +157,8 @@ def generate(args, parser) -> None:
     import torch
 
     from .generate import Job, claim_png, generate_images, save_png
-    from .pipelines import LoadError, check_text_to_image, load_pipeline, max_steps, patch_pipeline, resolve_device
+    from .pipelines import (LoadError, check_text_to_image, load_pipeline, max_steps, patch_pipeline, pipeline_stopped,
+                            resolve_device)  # fmt: skip
 
     device, dtype = resolve_device(args.device, DTYPES[args.dtype] if args.dtype else None)
     try:
@@ -198,15 +199,12 @@ def generate(args, parser) -> None:
 
     jobs = [Job(i, prompt, args.seed + i) for i, prompt in enumerate(prompts)]
     try:
-        stats = generate_images(pipe, jobs, save=save, steps=args.steps, guidance=args.guidance, height=height,
-                                width=width, batch_size=args.batch_size)  # fmt: skip
-    except ValueError as error:  # the pipeline's own checks, for what is not checked above (a latent too small)
-        remove_made_folders(out, made)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        parser.error(f"the pipeline stopped at --height {height} --width {width} --steps {args.steps} "
-                     f"({type(pipe.scheduler).__name__}): {reason}")  # fmt: skip
+        with removed_if_failing(out, made):  # before the messages below
+            stats = generate_images(pipe, jobs, save=save, steps=args.steps, guidance=args.guidance, height=height,
+                                    width=width, batch_size=args.batch_size)  # fmt: skip
+    except ValueError as error:
+        parser.error(pipeline_stopped(error, height, width, args.steps, pipe.scheduler))
     except (KeyboardInterrupt, OSError, torch.OutOfMemoryError) as error:  # say what is saved, no traceback
-        remove_made_folders(out, made)
         if isinstance(error, KeyboardInterrupt):
             stopped = "interrupted"
         elif isinstance(error, torch.OutOfMemoryError):

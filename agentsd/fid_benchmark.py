@@ -32,11 +32,12 @@ from .environment import versions
 from .features import load_feature_network
 from .files import write_whole
 from .generate import Job, generate_images, save_png
-from .options import finite_float, folder, make_output_folder, nonnegative_int, positive_int, remove_made_folders
+from .options import finite_float, folder, make_output_folder, nonnegative_int, positive_int, removed_if_failing
 from .pipelines import (
     DEEPCACHE_INTERVAL,
     DTYPES,
     METHODS,
+    UNPATCHED_METHODS,
     LoadError,
     check_deepcache_installed,
     check_text_to_image,
@@ -44,6 +45,7 @@ from .pipelines import (
     max_steps,
     patch_pipeline,
     patch_settings,
+    pipeline_stopped,
     resolve_device,
     unpatch_pipeline,
     uses_deepcache,
@@ -133,12 +135,9 @@ def run(args, feature=None) -> list[dict] | None:
         made = make_output_folder(out)
     except ValueError as error:
         raise BenchmarkError(f"--out: {error}") from None
-    try:
+    with removed_if_failing(out, made):
         for name, method, settings in runs:
             generate_run(args, state, pipe, out, name, method, settings, jobs)
-    except BaseException:  # an error or Ctrl-C before the first image: no empty --out folders left behind
-        remove_made_folders(out, made)
-        raise
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -168,10 +167,8 @@ def generate_run(args, state, pipe, out: Path, name: str, method: str, settings:
             guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size,
             progress=state.is_main_process,
         )  # fmt: skip
-    except ValueError as error:  # the pipeline's own checks, of what is not checked before (a tiny latent)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BenchmarkError(f"the pipeline stopped at --height {args.height} --width {args.width} --steps "
-                             f"{args.steps} ({type(pipe.scheduler).__name__}): {reason}") from None  # fmt: skip
+    except ValueError as error:
+        raise BenchmarkError(pipeline_stopped(error, args.height, args.width, args.steps, pipe.scheduler)) from None
     unpatch_pipeline(pipe)
     timing = dict(seconds=stats.timed_seconds, images=stats.timed_images, peak_gb=stats.peak_gb)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -261,12 +258,12 @@ def check(args) -> list[tuple[str, str, dict]]:
                 check_deepcache_installed()
             except ImportError as error:
                 raise BenchmarkError(f"--methods {method}: {error}") from None
-        for ratio in [0.0] if method in ("baseline", "deepcache") else args.ratios:
+        for ratio in [0.0] if method in UNPATCHED_METHODS else args.ratios:
             try:
                 settings = patch_settings(method, ratio, seed=args.seed, min_tokens=args.min_tokens)
             except (TypeError, ValueError) as error:
                 raise BenchmarkError(f"--ratios {ratio:g} (--methods {method}): {error}") from None
-            name = method if method in ("baseline", "deepcache") else f"{method}-{ratio:g}"
+            name = method if method in UNPATCHED_METHODS else f"{method}-{ratio:g}"
             if any(name == earlier for earlier, _, _ in runs):  # one images folder, scored twice
                 raise BenchmarkError(f"--ratios {ratio!r} gives the run {name} a second time (ratios equal to 6 "
                                      "significant digits share its images); give each ratio once")  # fmt: skip

@@ -2,6 +2,7 @@
 checks of a device and an output folder, shared by `agentsd generate` and `agentsd benchmark`."""
 
 import argparse
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -121,7 +122,7 @@ def check_output_folder(path: Path) -> None:
 
 def make_output_folder(path: Path) -> Path | None:
     """mkdir -p, or ValueError with the reason (a read-only file system, no permission). Returns the
-    outermost folder it made (None if `path` was there), for remove_made_folders."""
+    outermost folder it made (None if `path` was there), for removed_if_failing."""
     outermost, folder = None, path.absolute()
     while not folder.exists():
         outermost, folder = folder, folder.parent
@@ -132,8 +133,18 @@ def make_output_folder(path: Path) -> Path | None:
     return outermost
 
 
-def remove_made_folders(path: Path, outermost: Path | None) -> None:
-    """Undo make_output_folder while nothing was written there: a failed run leaves no empty folders."""
+@contextlib.contextmanager
+def removed_if_failing(path: Path, outermost: Path | None):
+    """Around the work that writes into `path`: if it fails (an error, a parser exit, Ctrl-C), undo
+    make_output_folder while nothing was written there, so that a failed run leaves no empty folders."""
+    try:
+        yield
+    except BaseException:
+        _remove_made_folders(path, outermost)
+        raise
+
+
+def _remove_made_folders(path: Path, outermost: Path | None) -> None:
     folder = path.absolute()
     while outermost is not None and folder.is_relative_to(outermost):
         try:

@@ -14,6 +14,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODELS = {"tiny": "sd15", "tiny-sdxl": "sdxl"}
 # deepcache: DeepCache's step caching alone; agentsd+deepcache: both (the speed-ups multiply)
 METHODS = ("baseline", "tome", "agentsd", "deepcache", "agentsd+deepcache")
+UNPATCHED_METHODS = ("baseline", "deepcache")  # agentsd's settings do not apply to them
 DEEPCACHE_INTERVAL = 3  # DeepCache's own example setting for Stable Diffusion (cache_interval=3, branch 0)
 SCHEDULERS = {  # name on the command line: diffusers class
     "pndm": "PNDMScheduler",  # PLMS, the papers' sampler and SD 1.5's default
@@ -129,7 +130,7 @@ def patch_settings(method: str, ratio: float, **settings) -> dict:
     """apply_patch keywords of a method; checks them (ValueError/TypeError) without a model."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method in ("baseline", "deepcache"):
+    if method in UNPATCHED_METHODS:
         return {}
     if method == "tome":  # ToMeSD: plain ToMe, one stride for every step, 2x2 unless given (Bolya & Hoffman 2023)
         if settings.get("agent_ratio"):
@@ -155,6 +156,13 @@ def enable_deepcache(pipe, interval: int, branch: int = 0):
     helper.set_params(cache_interval=interval, cache_branch_id=branch)  # branch 0: DeepCache's default for SD
     helper.enable()
     return helper
+
+
+def pipeline_stopped(error: ValueError, height: int, width: int, steps: int, scheduler) -> str:
+    """The message of a ValueError from the pipeline's own checks, for what agentsd does not check first
+    (a latent too small for the model, say), with the settings that led there."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"the pipeline stopped at --height {height} --width {width} --steps {steps} ({type(scheduler).__name__}): {reason}"
 
 
 def max_steps(scheduler) -> int:

@@ -37,7 +37,7 @@ from .environment import package_version, versions
 from .files import write_whole
 from .kernels import tuning_seconds
 from .models import CONTEXT, TINY_UNET_CONFIGS, random_pipeline, tiny_pipeline
-from .options import check_output_folder, folder, make_output_folder, remove_made_folders
+from .options import check_output_folder, folder, make_output_folder, removed_if_failing
 from .patch import apply_patch
 from .schedule import TRAIN_TIMESTEPS
 
@@ -124,7 +124,7 @@ def main(argv=None, prog=None):
     if not cuda:
         print("No CUDA here: the tiny configuration, eager, on the CPU (--configs and --modes apply on a GPU)", file=sys.stderr)
     rows, head = [], header(argv)
-    try:
+    with removed_if_failing(Path(args.out), made):
         for config in configs:
             for mode in modes:
                 methods = [m for m in args.methods if mode == "eager" or m in COMPILABLE]
@@ -136,9 +136,6 @@ def main(argv=None, prog=None):
                         print(json.dumps(row), flush=True)
                 rows += new
                 write_outputs(Path(args.out), rows, head)  # after each config: a run cut short keeps what it measured
-    except BaseException:
-        remove_made_folders(Path(args.out), made)  # where nothing was written yet
-        raise
     print(markdown(rows, head))
     print(f"({time.perf_counter() - started:.0f} s)")
 
