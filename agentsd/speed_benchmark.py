@@ -63,6 +63,7 @@ COMPILABLE = ("baseline", "agentsd", "agentsd-tome")  # tomesd draws random numb
 # (unet.compile_repeated_blocks: each transformer block on its own, far less to compile)
 MODES = {"eager": None, "compile": "default", "compile-ro": "reduce-overhead", "compile-regional": "default"}
 PACKAGES = {"tomesd": "tomesd", "deepcache": "DeepCache"}
+OUTPUTS = ("results.md", "results.json", "results.csv", "speed.png")  # rewritten after each config
 
 
 def parse_args(argv=None, prog=None):
@@ -80,7 +81,8 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--first-image-methods", nargs="*", choices=list(METHODS), metavar="METHOD",
                         help="methods whose first image is timed in fresh processes (default: baseline and agentsd "
                              "where they run; none: skip)")  # fmt: skip
-    parser.add_argument("--out", type=folder, default="outputs/speed")
+    parser.add_argument("--out", type=folder, help="a folder for the results (default: outputs/speed/DATE-TIME, "
+                        "new each run; one holding an earlier run's results is refused)")
     parser.add_argument("--first-image", nargs=3, metavar=("CONFIG", "METHOD", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is not None and not 1 <= args.steps < TRAIN_TIMESTEPS:  # pipelines.max_steps of every config
@@ -101,10 +103,15 @@ def parse_args(argv=None, prog=None):
             if package and importlib.util.find_spec(package) is None:
                 extra = "deepcache" if package == "DeepCache" else "test"
                 parser.error(f"--methods {method} needs the {package} package: pip install \"agentsd[{extra}]\"")
+    args.out = args.out or time.strftime("outputs/speed/%Y%m%d-%H%M%S")
     try:
         check_output_folder(Path(args.out))
     except ValueError as error:
         parser.error(f"--out: {error}")
+    earlier = [name for name in OUTPUTS if (Path(args.out) / name).exists()]
+    if earlier and not args.first_image:  # a second run would replace the first's results
+        parser.error(f"--out {args.out} holds the results of an earlier run ({', '.join(earlier)}): pass another "
+                     "--out, or remove them")  # fmt: skip
     return args
 
 
@@ -137,7 +144,7 @@ def main(argv=None, prog=None):
                 rows += new
                 write_outputs(Path(args.out), rows, head)  # after each config: a run cut short keeps what it measured
     print(markdown(rows, head))
-    print(f"({time.perf_counter() - started:.0f} s)")
+    print(f"({time.perf_counter() - started:.0f} s; results in {args.out})")
 
 
 # ---------------------------------------------------------------- pipelines
@@ -313,17 +320,11 @@ COLUMNS = ["config", "mode", "method", "steps", "s_per_image", "speedup", "speed
 
 
 def write_outputs(out: Path, rows: list[dict], head: dict) -> None:
-    """results.md, .csv, .json and speed.png in `out`, each written whole (temporary file, then renamed)."""
+    """OUTPUTS in `out`, each written whole (temporary file, then renamed)."""
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, head)
-    files = {
-        "results.md": table,
-        "results.json": json.dumps(dict(header=head, rows=rows), indent=1),
-        "results.csv": _csv(rows),
-    }
-    for name, text in files.items():
-        write_whole(out / name, text)
-    write_whole(out / "speed.png", plot(rows, head))
+    contents = [markdown(rows, head), json.dumps(dict(header=head, rows=rows), indent=1), _csv(rows), plot(rows, head)]
+    for name, content in zip(OUTPUTS, contents, strict=True):
+        write_whole(out / name, content)
 
 
 def markdown(rows: list[dict], head: dict) -> str:

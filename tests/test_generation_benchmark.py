@@ -57,6 +57,23 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, capsys, a
     assert not out.exists()
 
 
+def test_each_run_writes_a_new_folder_unless_out_is_given(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    speed_benchmark.main(["--methods", "baseline", "--rounds", "1", "--first-image-methods"])
+    (run,) = (tmp_path / "outputs" / "speed").iterdir()
+    assert (run / "results.json").exists() and f"results in outputs/speed/{run.name}" in capsys.readouterr().out
+
+
+def test_an_out_with_an_earlier_runs_results_is_refused(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("the earlier run")
+    with pytest.raises(SystemExit) as exit_:
+        speed_benchmark.main(["--rounds", "1", "--first-image-methods", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"--out {tmp_path} holds the results of an earlier run (results.json)" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "the earlier run"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
 def test_first_images_default_to_the_baseline_and_agentsd_where_they_run():
     assert speed_benchmark.parse_args([]).first_image_methods == ["baseline", "agentsd"]
     assert speed_benchmark.parse_args(["--methods", "agentsd-tome"]).first_image_methods == ["baseline"]
