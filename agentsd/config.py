@@ -6,7 +6,6 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 
 ATTN_PRECISIONS = (None, "fp32")
 # Defaults of apply_patch: the paper's ratio, and the official AgentSD code's k_scale2 and k_shortcut.
@@ -20,6 +19,10 @@ MAX_DOWNSAMPLES = (1, 2, 4, 8)  # the four resolution levels of SD 1.x/2.x UNets
 # graph; docs/performance.md), and eager calls of that size are bound by the host, where the plan's
 # launches cost more than that; at 9216 tokens (768px) agentsd's stages give 1.08-1.14x.
 MIN_TOKENS = 8192
+# The destinations' seed unless one is given: the same in every process, so that a pipeline call with
+# the same generator gives the same image anywhere, as it does unpatched (torch's own initial seed
+# differs from process to process).
+SEED = 0
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def build_config(
     k_shortcut=K_SHORTCUT,
     attn_precision=None,
     use_rand=True,
-    seed=None,
+    seed=SEED,
     merge_attn=True,
     merge_crossattn=False,
     merge_mlp=False,
@@ -107,8 +110,8 @@ def build_config(
         min_tokens = MIN_TOKENS
     if not isinstance(min_tokens, numbers.Integral) or _is_bool(min_tokens) or min_tokens < 0:
         raise ValueError(f"min_tokens must be None or an int >= 0, got {min_tokens!r}")
-    if seed is not None and (not isinstance(seed, numbers.Integral) or _is_bool(seed)):
-        raise TypeError(f"seed must be None or an int, got {seed!r}")
+    if not isinstance(seed, numbers.Integral) or _is_bool(seed):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     return AgentSDConfig(
         stages=stages,
         max_downsample=max_downsample,
@@ -116,9 +119,7 @@ def build_config(
         k_shortcut=_within("k_shortcut", k_shortcut, K_SHORTCUT_RANGE),
         attn_precision=attn_precision,
         use_rand=_flag("use_rand", use_rand),
-        # Without a seed, the seed torch's CPU generator started from: torch.manual_seed fixes it too, and
-        # reading it draws nothing, so the user's later random numbers stay what they were.
-        seed=torch.initial_seed() % 2**32 if seed is None else int(seed),
+        seed=int(seed),
         merge_attn=_flag("merge_attn", merge_attn),
         merge_crossattn=_flag("merge_crossattn", merge_crossattn),
         merge_mlp=_flag("merge_mlp", merge_mlp),

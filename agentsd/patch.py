@@ -25,7 +25,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .attention import POSITION_FREE_CROSS_ATTENTION, AgentSDAttnProcessor, is_plain, plain_attention
 from .block import is_lean, lean_forward, runs_lean
-from .config import K_SCALE2, K_SHORTCUT, RATIO, AgentSDConfig, build_config
+from .config import K_SCALE2, K_SHORTCUT, RATIO, SEED, AgentSDConfig, build_config
 from .merge import merge, merge_counts, plan_block, token_grid, unmerge
 from .schedule import stage_at, trajectory_fraction
 
@@ -48,7 +48,7 @@ def apply_patch(
     k_shortcut: float = K_SHORTCUT,
     attn_precision: str | None = None,
     use_rand: bool = True,
-    seed: int | None = None,
+    seed: int = SEED,
     merge_attn: bool = True,
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
@@ -81,8 +81,8 @@ def apply_patch(
             (SD 2.1 overflows in float16 without it).
         use_rand: a random destination in each cell, drawn anew at each timestep (top-left when False,
             and with an odd batch, whose CFG halves could not share one pattern).
-        seed: makes the random destinations reproducible; None takes torch.initial_seed(), so
-            torch.manual_seed fixes it too, without drawing from torch's generator.
+        seed: of the random destinations (an int); the default is the same in every process, and
+            nothing is drawn from torch's generator, so images follow the pipeline's generator alone.
         merge_attn: merge tokens for the self-attention (where agents act).
         merge_crossattn: also merge for the cross-attention (plain ToMe there), where nothing reads
             its tokens by place: not in calls with IP-Adapter masks, nor under a processor other than

@@ -35,7 +35,8 @@ BAD = [
     (dict(max_downsample=3), ValueError, "max_downsample must be None or one of \\(1, 2, 4, 8\\)"),
     (dict(use_rand=1), TypeError, "use_rand must be True or False"),
     (dict(merge_mlp="yes"), TypeError, "merge_mlp must be True or False"),
-    (dict(seed=1.5), TypeError, "seed must be None or an int"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(seed=None), TypeError, "seed must be an int"),
     (dict(k_scale2=None), TypeError, "k_scale2 must be a number"),
     (dict(k_scale2=-0.1), ValueError, "k_scale2 must be in \\[0, 1\\]"),
     (dict(k_scale2=1.5), ValueError, "k_scale2 must be in \\[0, 1\\]"),
@@ -124,18 +125,26 @@ def test_default_schedule_values():
     assert [(s.end, s.sx, s.agent_ratio, s.ratio) for s in stages] == [(0.4, 4, 0.95, 0.3), (1.0, 2, 0.5, 0.3)]
 
 
-def test_the_default_seed_draws_nothing_from_torchs_generator():
-    """seed=None takes the seed torch started from: later random numbers of the user stay the same,
-    also after a rejected call, and torch.manual_seed makes the patch reproducible."""
-    unet = unet_from_config("sd15", tiny=True)
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    agentsd.apply_patch(unet, **FIXED)
-    with pytest.raises(ValueError):
-        agentsd.apply_patch(unet, ratio=2.0, **FIXED)
-    assert torch.equal(torch.rand(3), expected)
-    assert unet._agentsd.config.seed == 123
+def test_the_default_seed_is_the_same_whatever_torchs_seed_and_draws_nothing(sd_pipe):
+    """Images follow the pipeline's generator alone, as unpatched: torch's own seed (random in every
+    fresh process) does not pick the destinations, and patching draws nothing from torch's generator."""
+    sd_pipe.set_progress_bar_config(disable=True)
+    images = []
+    for torch_seed in (123, 456):
+        torch.manual_seed(torch_seed)
+        expected = torch.rand(3)
+        torch.manual_seed(torch_seed)
+        agentsd.apply_patch(sd_pipe, ratio=0.5, min_tokens=0)
+        with pytest.raises(ValueError):
+            agentsd.apply_patch(sd_pipe, ratio=2.0, min_tokens=0)
+        assert torch.equal(torch.rand(3), expected)
+        images.append(sd_pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="pt",
+                              generator=torch.Generator().manual_seed(0)).images)  # fmt: skip
+    assert torch.equal(*images)
+    agentsd.remove_patch(sd_pipe)
+    unpatched = sd_pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="pt",
+                        generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert not torch.equal(images[0], unpatched)  # merging was on: the destinations mattered
 
 
 def test_a_pipeline_without_a_scheduler_patches(sd_pipe):
