@@ -257,6 +257,13 @@ class UNetPatch:
         return plan_block(x, grid, stage.sy, stage.sx, num_merged, num_agent_merged, call.seed, call.timestep)
 
 
+def _has_weights(processor) -> bool:
+    """Parameters or buffers: Custom Diffusion's attn1 processors are modules without either."""
+    if not isinstance(processor, torch.nn.Module):
+        return False
+    return any(True for _ in processor.parameters()) or any(True for _ in processor.buffers())
+
+
 class PatchedBlock:
     """One transformer block under the patch: its forward, and for the modules that merge (`users`,
     none in blocks of deeper levels) the merge plan of the current call and its hooks."""
@@ -318,7 +325,7 @@ class PatchedBlock:
         attn = self.block.attn1
         if isinstance(processor, AgentSDAttnProcessor):
             processor = processor.processor
-        if isinstance(processor, torch.nn.Module):  # its weights must stay registered on attn1
+        if _has_weights(processor):  # they must stay registered on attn1 (a weightless module can go beneath)
             self.warned = True  # about it, here
             warnings.warn(
                 f"agentsd: {type(processor).__name__} has weights of its own, so it is set on attn1 as it is "

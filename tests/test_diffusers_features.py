@@ -16,7 +16,8 @@ from accelerate import cpu_offload
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPAGPipeline
 from diffusers.image_processor import IPAdapterMaskProcessor
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_0, CustomDiffusionAttnProcessor,
+                                                  SlicedAttnProcessor)
 
 import agentsd
 from agentsd.attention import AgentSDAttnProcessor
@@ -160,6 +161,20 @@ def test_a_processor_with_weights_is_set_as_it_is():
         attn.set_processor(Weighted())
     assert type(attn.processor) is Weighted and "processor.gain" in dict(attn.named_parameters())
     generate(pipe, steps=2)
+
+
+def test_a_module_without_weights_goes_beneath_agentsd():
+    """Custom Diffusion sets such modules on every attn1: agentsd keeps merging there, silently (ToMe:
+    agent attention replaces only diffusers' own softmax processors)."""
+    pipe = agentsd.apply_patch(tiny_pipeline("sd15"), ratio=0.5, sx=2, sy=2, agent_ratio=0.0)
+    default = generate(pipe, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for attn in merged_attn1(pipe.unet):
+            attn.set_processor(CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False))
+    for attn in merged_attn1(pipe.unet):
+        assert type(attn.processor) is AgentSDAttnProcessor and type(attn.get_processor()) is CustomDiffusionAttnProcessor
+    np.testing.assert_allclose(generate(pipe, steps=2), default, atol=1e-5)  # the same attention, merged
 
 
 # ---------------------------------------------------------------- merging where token positions matter
