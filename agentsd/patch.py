@@ -192,6 +192,7 @@ class UNetPatch:
         # By default only the highest-resolution level with transformer blocks (1 for SD, 2 for SDXL).
         self.max_downsample = config.max_downsample or min(level for level, _ in blocks)
         self.call = CallState()
+        self.warned_checkpointing = False
         self.handles = [
             unet.register_forward_pre_hook(self.before_unet, with_kwargs=True),
             unet.register_forward_hook(self.after_unet),
@@ -219,6 +220,15 @@ class UNetPatch:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         call = self.call
+        if torch.is_grad_enabled() and unet.is_gradient_checkpointing:
+            # The backward pass runs the blocks again, after this call: they must compute what they did,
+            # so they run unmerged both times (a block outside a UNet call runs unmerged).
+            call.latent = None
+            if not self.warned_checkpointing:
+                self.warned_checkpointing = True
+                warnings.warn("agentsd: gradient checkpointing is on, so agentsd does not merge tokens in calls "
+                              "that record gradients.", stacklevel=2)  # fmt: skip
+            return
         call.latent = sample
         stages = self.config.stages
         # Below min_tokens no block merges and the stage is moot: not looked up (a one-step run's timestep,

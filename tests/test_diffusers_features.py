@@ -21,8 +21,8 @@ from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_
 
 import agentsd
 from agentsd.attention import AgentSDAttnProcessor
-from agentsd.models import tiny_pipeline
-from conftest import generate
+from agentsd.models import tiny_pipeline, unet_from_config
+from conftest import generate, unet_inputs
 from ip_adapters import image_embeds, load_ip_adapter
 
 PATCH = dict(ratio=0.5, seed=0)  # the paper's schedule: both stages run in 4 steps
@@ -438,3 +438,27 @@ def test_ratio_zero_sdxl_with_euler_is_bit_identical():
     plain = generate(pipe)
     agentsd.apply_patch(pipe, ratio=0.0)
     np.testing.assert_array_equal(generate(pipe), plain)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_merges_and_gradient_checkpointing_runs_unmerged():
+    """Gradients flow through the merges; under gradient checkpointing the backward pass runs the blocks
+    again after the UNet call, so agentsd stands aside (a warning) and gradients are the plain UNet's."""
+    sample, timestep, context, _ = unet_inputs("sd15")
+
+    def gradients(patch, checkpointing):
+        unet = unet_from_config("sd15", tiny=True).train()
+        if patch:
+            agentsd.apply_patch(unet, ratio=0.5, sx=2, sy=2, agent_ratio=0.5)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet(sample, timestep, context).sample.square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in unet.parameters()])
+
+    plain = gradients(False, False)
+    assert not torch.allclose(gradients(True, False), plain, atol=1e-4)  # merged, and every weight has a gradient
+    with pytest.warns(UserWarning, match="gradient checkpointing is on"):
+        checkpointed = gradients(True, True)
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
