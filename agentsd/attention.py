@@ -7,6 +7,9 @@ from diffusers.models.attention_processor import (
     AttnProcessor,
     AttnProcessor2_0,
     AttnProcessorNPU,
+    CustomDiffusionAttnProcessor,
+    CustomDiffusionAttnProcessor2_0,
+    CustomDiffusionXFormersAttnProcessor,
     FusedAttnProcessor2_0,
     IPAdapterAttnProcessor,
     IPAdapterAttnProcessor2_0,
@@ -29,7 +32,10 @@ SOFTMAX_PROCESSORS = (
 # Cross-attention processors that read no token positions, so that merge_crossattn may hand them the
 # merged queries. Not IP-Adapter's masks, which diffusers lays over the queries as a raster grid (those
 # calls run unmerged), nor processors of other code (Attend-and-Excite's keeps the maps of one size).
-POSITION_FREE_CROSS_ATTENTION = (*SOFTMAX_PROCESSORS, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
+POSITION_FREE_CROSS_ATTENTION = (
+    *SOFTMAX_PROCESSORS, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor,
+    CustomDiffusionAttnProcessor, CustomDiffusionAttnProcessor2_0, CustomDiffusionXFormersAttnProcessor,
+)  # fmt: skip
 
 
 class AgentSDAttnProcessor:

@@ -16,7 +16,7 @@ from accelerate import cpu_offload
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPAGPipeline
 from diffusers.image_processor import IPAdapterMaskProcessor
-from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_0, CustomDiffusionAttnProcessor,
+from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_0, CustomDiffusionAttnProcessor2_0,
                                                   SlicedAttnProcessor)
 
 import agentsd
@@ -163,18 +163,36 @@ def test_a_processor_with_weights_is_set_as_it_is():
     generate(pipe, steps=2)
 
 
-def test_a_module_without_weights_goes_beneath_agentsd():
-    """Custom Diffusion sets such modules on every attn1: agentsd keeps merging there, silently (ToMe:
-    agent attention replaces only diffusers' own softmax processors)."""
-    pipe = agentsd.apply_patch(tiny_pipeline("sd15"), ratio=0.5, sx=2, sy=2, agent_ratio=0.0)
+def custom_diffusion_processors(unet) -> dict:
+    """Custom Diffusion's processors computing what diffusers' own do: weightless modules on attn1, on
+    attn2 modules with copies of its projections (as diffusers' Custom Diffusion test makes them)."""
+    processors = {}
+    for name in unet.attn_processors:
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if name.endswith("attn1.processor"):
+            processors[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
+            continue
+        processor = CustomDiffusionAttnProcessor2_0(hidden_size=attn.to_q.out_features, cross_attention_dim=attn.to_k.in_features)
+        for mine, its in [("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out", attn.to_out[0])]:
+            layer = getattr(processor, f"{mine}_custom_diffusion")
+            (layer[0] if mine == "to_out" else layer).load_state_dict(its.state_dict())
+        processors[name] = processor
+    return processors
+
+
+def test_custom_diffusion_processors_merge_as_diffusers_own():
+    """Custom Diffusion's weightless attn1 processors go beneath agentsd, silently; its attn2 processors
+    read no token positions, so merge_crossattn merges there (ToMe: agent attention replaces only
+    diffusers' own softmax processors)."""
+    pipe = agentsd.apply_patch(tiny_pipeline("sd15"), ratio=0.5, sx=2, sy=2, agent_ratio=0.0, merge_crossattn=True)
     default = generate(pipe, steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for attn in merged_attn1(pipe.unet):
-            attn.set_processor(CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False))
+        pipe.unet.set_attn_processor(custom_diffusion_processors(pipe.unet))
+        custom = generate(pipe, steps=2)
     for attn in merged_attn1(pipe.unet):
-        assert type(attn.processor) is AgentSDAttnProcessor and type(attn.get_processor()) is CustomDiffusionAttnProcessor
-    np.testing.assert_allclose(generate(pipe, steps=2), default, atol=1e-5)  # the same attention, merged
+        assert type(attn.processor) is AgentSDAttnProcessor and type(attn.get_processor()) is CustomDiffusionAttnProcessor2_0
+    np.testing.assert_allclose(custom, default, atol=1e-5)  # the same attention, merged alike
 
 
 # ---------------------------------------------------------------- merging where token positions matter
