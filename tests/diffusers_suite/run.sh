@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# diffusers' own fast tests, unpatched and then with agentsd at ratio=0 everywhere; compare.
+# diffusers' own fast tests, unpatched and then with agentsd at ratio=0 everywhere (or with the
+# apply_patch keywords of AGENTSD_SUITE_SETTINGS, JSON: agentsd_everywhere.py); compare.
 # Usage: tests/diffusers_suite/run.sh DIFFUSERS_CHECKOUT OUT_DIR TEST_PATH...   (paths relative to the
 # checkout, e.g. tests/pipelines/stable_diffusion). Needs: pip install parameterized requests-mock
 # sentencepiece pytest-timeout. Tests run against the installed diffusers: only the
