@@ -47,7 +47,17 @@ def trajectory_fraction(timestep, scheduler=None) -> float:
     if position is not None:
         index, length = position
         return index / length
-    value = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+    if torch.is_tensor(timestep):
+        values = timestep.reshape(-1).cpu()  # one device sync, as reading the value needs
+        value = float(values[0])
+        if (values != value).any():
+            warnings.warn(
+                "agentsd: the UNet got different timesteps in one call (one per image, as ParaDiGMS does): the "
+                "whole call runs in the stage of the first; give apply_patch one stage (sx, sy, agent_ratio) there.",
+                stacklevel=2,
+            )
+    else:
+        value = float(timestep)
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is not None and len(timesteps):
         timesteps = torch.as_tensor(timesteps).cpu()

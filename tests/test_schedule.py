@@ -17,7 +17,7 @@ from diffusers import (
 
 import agentsd
 from agentsd.config import Stage, paper_schedule
-from agentsd.schedule import list_position, stage_at
+from agentsd.schedule import list_position, stage_at, trajectory_fraction
 
 SCHEDULERS = {
     "ddim": DDIMScheduler.from_config,
@@ -191,3 +191,15 @@ def test_a_one_step_run_where_nothing_merges_is_not_warned_about(sd_pipe):
     agentsd.apply_patch(sd_pipe, min_tokens=0)  # where blocks merge it is placed by value, as said
     with pytest.warns(UserWarning, match="not an element of a scheduler's timesteps"):
         sd_pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="latent")
+
+
+def test_different_timesteps_in_one_call_are_warned_about():
+    """ParaDiGMS hands the UNet one timestep per image: one call runs one stage (the first's), said so."""
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(10)
+    first, last = scheduler.timesteps[0], scheduler.timesteps[-1]
+    with pytest.warns(UserWarning, match="different timesteps in one call"):
+        assert trajectory_fraction(torch.stack([first, last]), scheduler) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trajectory_fraction(torch.stack([last, last]), scheduler) == 0.9  # one timestep, for each image
