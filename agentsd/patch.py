@@ -231,9 +231,10 @@ class UNetPatch:
             return
         call.latent = sample
         stages = self.config.stages
-        # Below min_tokens no block merges and the stage is moot: not looked up (a one-step run's timestep,
-        # SD-Turbo's, is placed by value, with a warning)
-        moot = len(stages) == 1 or sample.shape[-2] * sample.shape[-1] < self.config.min_tokens
+        # At ratio 0 or below min_tokens no block merges and the stage is moot: not looked up (a one-step
+        # run's timestep, SD-Turbo's, is placed by value, with a warning and a device read)
+        merges = any(stage.ratio for stage in stages) and sample.shape[-2] * sample.shape[-1] >= self.config.min_tokens
+        moot = len(stages) == 1 or not merges
         call.stage_index = 0 if moot else stages.index(stage_at(stages, trajectory_fraction(timestep, self.scheduler)))
         # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
         use_rand = self.config.use_rand and sample.shape[0] % 2 == 0

@@ -182,12 +182,13 @@ def test_list_position_reads_views_only():
 
 def test_a_one_step_run_where_nothing_merges_is_not_warned_about(sd_pipe):
     """A one-step run (SD-Turbo) hands the UNet the one element of a one-element list, which tensor
-    metadata cannot tell from a timestep of its own: where no block merges (below min_tokens) the
-    stage does not matter, so it is not looked up (no warning, no device read)."""
-    agentsd.apply_patch(sd_pipe, min_tokens=10**6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sd_pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="latent")
+    metadata cannot tell from a timestep of its own: where no block merges (below min_tokens, or at
+    ratio 0) the stage does not matter, so it is not looked up (no warning, no device read)."""
+    for quiet in (dict(min_tokens=10**6), dict(ratio=0, min_tokens=0)):
+        agentsd.apply_patch(sd_pipe, **quiet)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sd_pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="latent")
     agentsd.apply_patch(sd_pipe, min_tokens=0)  # where blocks merge it is placed by value, as said
     with pytest.warns(UserWarning, match="not an element of a scheduler's timesteps"):
         sd_pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="latent")
