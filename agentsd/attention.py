@@ -1,5 +1,7 @@
 """The diffusers attention processor of AgentSD's self-attention (steps 3-6 of ALGORITHM.md)."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import (
@@ -77,6 +79,24 @@ class AgentSDAttnProcessor:
         else:
             out = self.processor(attn, merged, context, None, **kwargs)
         return unmerge(out, plan, residual)
+
+
+@functools.cache
+def register_with_diffusers_hooks() -> None:
+    """diffusers' layer-skip hooks (its skip-layer and perturbed-attention guiders) find how to skip an
+    attn1 by its processor's class; for AgentSDAttnProcessor, the way of the processor beneath it."""
+    try:
+        from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
+    except ImportError:  # a diffusers without those hooks
+        return
+
+    def skip_output(attn, *args, **kwargs):
+        processor = attn.processor
+        beneath = processor.processor if isinstance(processor, AgentSDAttnProcessor) else processor
+        return AttentionProcessorRegistry.get(type(beneath)).skip_processor_output_fn(attn, *args, **kwargs)
+
+    metadata = AttentionProcessorMetadata(skip_processor_output_fn=skip_output)
+    AttentionProcessorRegistry.register(AgentSDAttnProcessor, metadata)
 
 
 def agent_attention_of(attn, x: torch.Tensor, agents: torch.Tensor, config) -> torch.Tensor:

@@ -20,18 +20,26 @@ import threading
 import warnings
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, ModularPipeline, UNet2DConditionModel
+from diffusers.hooks.layer_skip import AttentionProcessorSkipHook, FeedForwardSkipHook
+from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
 from diffusers.models.attention import BasicTransformerBlock
 
-from .attention import POSITION_FREE_CROSS_ATTENTION, AgentSDAttnProcessor, is_plain, plain_attention
+from .attention import (POSITION_FREE_CROSS_ATTENTION, AgentSDAttnProcessor, is_plain, plain_attention,
+                        register_with_diffusers_hooks)  # fmt: skip
 from .block import is_lean, lean_forward, runs_lean
 from .config import K_SCALE2, K_SHORTCUT, RATIO, SEED, AgentSDConfig, build_config
 from .merge import merge, merge_counts, plan_block, token_grid, unmerge
 from .schedule import stage_at, trajectory_fraction
 
+# The hooks of diffusers' guiders (perturbed-attention, skip-layer, smoothed-energy) in the blocks they
+# perturb, for their extra calls: they read the self-attention's queries as an image (SEG's blur) or
+# replace its softmax or output, so those blocks run unmerged then, as the guider computes them unpatched.
+GUIDANCE_HOOKS = (AttentionProcessorSkipHook, FeedForwardSkipHook, SmoothedEnergyGuidanceHook)
+
 SUPPORTED = (
     "a diffusers pipeline with a UNet2DConditionModel `.unet` (Stable Diffusion 1.x/2.x, SDXL, their "
-    "img2img/inpaint and ControlNet variants) or a UNet2DConditionModel"
+    "img2img/inpaint and ControlNet variants, also as modular pipelines) or a UNet2DConditionModel"
 )
 
 
@@ -63,8 +71,8 @@ def apply_patch(
     arguments raise TypeError/ValueError naming the parameter before anything changes.
 
     Args:
-        model: a diffusers pipeline whose `.unet` is a UNet2DConditionModel (SD 1.x/2.x, SDXL, their
-            img2img, inpaint and ControlNet pipelines), or such a UNet, also a torch.compile'd one.
+        model: a diffusers pipeline (also modular) whose `.unet` is a UNet2DConditionModel (SD 1.x/2.x,
+            SDXL, their img2img, inpaint and ControlNet pipelines), or such a UNet, also a torch.compile'd one.
         ratio: fraction of a block's tokens merged away, in [0, 1); 0 leaves the model's outputs
             unchanged, bit for bit.
         sx, sy: one destination token per sy x sx cell of the token grid (positive ints); give them
@@ -114,29 +122,44 @@ def apply_patch(
 
 
 def remove_patch(model):
-    """Undo apply_patch. Harmless on a model that is not patched; returns `model`."""
-    unet = find_unet(model)
-    patch = unet.__dict__.pop("_agentsd", None)
+    """Undo apply_patch. Harmless on a model that is not patched (also a pipeline or module agentsd
+    cannot patch); returns `model`."""
+    unet = _patchable_or_none(model)
+    patch = unet.__dict__.pop("_agentsd", None) if unet is not None else None
     if patch is not None:
         patch.remove()
     return model
 
 
 def is_patched(model) -> bool:
-    return "_agentsd" in find_unet(model).__dict__
+    unet = _patchable_or_none(model)
+    return unet is not None and "_agentsd" in unet.__dict__
+
+
+def _patchable_or_none(model) -> UNet2DConditionModel | None:
+    """find_unet's UNet, or None for a pipeline or module without one; TypeError for anything else."""
+    try:
+        return find_unet(model)
+    except TypeError:
+        if isinstance(model, (DiffusionPipeline, ModularPipeline, torch.nn.Module)):
+            return None
+        raise
 
 
 def find_unet(model) -> UNet2DConditionModel:
     """The UNet of a pipeline or the UNet itself; TypeError for anything else."""
     pipe = None
-    if isinstance(model, DiffusionPipeline):
+    if isinstance(model, (DiffusionPipeline, ModularPipeline)):  # a modular one is no DiffusionPipeline
         pipe, model = model, getattr(model, "unet", None)
     model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     if isinstance(model, UNet2DConditionModel):
         return model
     if pipe is not None:
         found = ", ".join(f"{k}={type(v).__name__}" for k, v in pipe.components.items() if isinstance(v, torch.nn.Module))
-        raise TypeError(f"agentsd supports {SUPPORTED}; {type(pipe).__name__} has {found or 'no model'}")
+        unet = "no .unet" if model is None else f".unet {type(model).__name__}"
+        if isinstance(pipe, ModularPipeline) and model is None:
+            unet += " (a modular pipeline loads it with load_components() or update_components(unet=...))"
+        raise TypeError(f"agentsd supports {SUPPORTED}; {type(pipe).__name__} has {unet}, models: {found or 'none'}")
     raise TypeError(f"agentsd supports {SUPPORTED}; got {type(model).__name__}")
 
 
@@ -195,7 +218,7 @@ class UNetPatch:
         self.warned_checkpointing = False
         self.handles = [
             unet.register_forward_pre_hook(self.before_unet, with_kwargs=True),
-            unet.register_forward_hook(self.after_unet),
+            unet.register_forward_hook(self.after_unet, always_call=True),  # also when the call raises
         ]
         self.blocks = []
         for level, block in blocks:
@@ -287,7 +310,7 @@ class PatchedBlock:
         self.slot = PlanSlot()
         self.lean = is_lean(block)
         self.removed = False
-        self.warned = self.warned_attn2 = False
+        self.warned = self.warned_attn2 = self.warned_guided = False
         self.handles = []
         for module in users:
             if module is not block.attn1:
@@ -302,8 +325,10 @@ class PatchedBlock:
         # type(block).forward(block, ...) (it raises under fullgraph), but inlines a function.
         self.class_forward = type(block).forward
         self.set_processor_beneath = attn.__dict__.get("set_processor")
+        self.guidance_sites = tuple(m for m in (attn, attn.to_q, attn.to_k, attn.to_v, block.ff) if m is not None)
         self.replaced = [(block, "forward", self.forward_beneath)]
         if self.merges_attn1:
+            register_with_diffusers_hooks()
             self.replaced += [(attn, "set_processor", self.set_processor_beneath), (attn, "get_processor", attn.__dict__.get("get_processor"))]
             processor = attn.processor
             attn.set_processor = self.set_processor
@@ -374,7 +399,8 @@ class PatchedBlock:
         if self.removed:
             return self.forward_replaced(hidden_states, *args, **kwargs)
         if self.users:
-            self.slot.plan = self.patch.plan_for(hidden_states)
+            plan = self.patch.plan_for(hidden_states)
+            self.slot.plan = None if plan is not None and self.guided() else plan
         processor = self.own_processor() if self.merges_attn1 else None
         if self.merges_attn1 and processor is None and not self.warned:
             self.warned = True
@@ -388,6 +414,24 @@ class PatchedBlock:
         if self.lean and attn1_plain and self.forward_beneath is None and runs_lean(self.block, hidden_states, args, kwargs):
             return lean_forward(self.block, hidden_states, kwargs["encoder_hidden_states"], self.self_attention)
         return self.forward_replaced(hidden_states, *args, **kwargs)
+
+    def guided(self) -> bool:
+        """Whether a guider's hook (GUIDANCE_HOOKS) is on this block's self-attention or feed-forward
+        in this call; warns once."""
+        guided = any(
+            isinstance(hook, GUIDANCE_HOOKS)
+            for module in self.guidance_sites
+            if (registry := module.__dict__.get("_diffusers_hook")) is not None
+            for hook in registry.hooks.values()
+        )
+        if guided and not self.warned_guided:
+            self.warned_guided = True
+            warnings.warn(
+                "agentsd: a guider's hook (perturbed-attention, skip-layer or smoothed-energy guidance) perturbs "
+                "this block, so agentsd does not merge in it during the guider's calls.",
+                stacklevel=2,
+            )
+        return guided
 
     def forward_replaced(self, *args, **kwargs):
         """The block's forward as it was before the patch."""

@@ -63,8 +63,9 @@ def trajectory_fraction(timestep, scheduler=None) -> float:
         timesteps = torch.as_tensor(timesteps).cpu()
         return int((timesteps - value).abs().argmin()) / len(timesteps)
     warnings.warn(
-        "agentsd: the UNet got a timestep that is not an element of a scheduler's timesteps, and apply_patch "
-        "got no scheduler= to look it up in: its stage is placed by its value on the 1000 training timesteps.",
+        "agentsd: the UNet got a timestep that agentsd cannot place in a list of timesteps (a loop's own, or "
+        "the one of a one-step run), and apply_patch got no scheduler= to look it up in: its stage is placed "
+        "by its value on the 1000 training timesteps.",
         stacklevel=2,
     )
     return min(max(1 - value / TRAIN_TIMESTEPS, 0.0), 1.0)

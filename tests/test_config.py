@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import UNet2DModel, UNetControlNetXSModel, UNetMotionModel
+from diffusers import StableDiffusionXLAutoBlocks, UNet2DModel, UNetControlNetXSModel, UNetMotionModel
 
 import agentsd
 from agentsd.models import unet_from_config
@@ -88,9 +88,18 @@ def test_unsupported_models(sd_pipe):
         with pytest.raises(TypeError, match=f"got {type(unet).__name__}"):
             agentsd.apply_patch(unet)
         assert all(not m._forward_pre_hooks and "forward" not in m.__dict__ for m in unet.modules())
+        # nothing to undo: harmless, as for any model that is not patched (they raised)
+        assert agentsd.remove_patch(unet) is unet and not agentsd.is_patched(unet)
     sd_pipe.unet = None  # like a transformer-based pipeline (SD3, Flux): no UNet
-    with pytest.raises(TypeError, match="StableDiffusionPipeline has vae=AutoencoderKL"):
+    with pytest.raises(TypeError, match="StableDiffusionPipeline has no .unet, models: vae=AutoencoderKL"):
         agentsd.apply_patch(sd_pipe)
+    assert agentsd.remove_patch(sd_pipe) is sd_pipe and not agentsd.is_patched(sd_pipe)
+    modular = StableDiffusionXLAutoBlocks().init_pipeline()  # its components not loaded yet
+    with pytest.raises(TypeError, match=r"has no .unet \(a modular pipeline loads it with load_components"):
+        agentsd.apply_patch(modular)
+    for not_a_model in ("unet", None):
+        with pytest.raises(TypeError, match="UNet2DConditionModel"):
+            agentsd.remove_patch(not_a_model)
 
 
 # UNet2DConditionModels whose attention is not in transformer blocks: plain ResNets (the x2 latent

@@ -1,5 +1,6 @@
 """The patch under diffusers' features: IP-Adapters, processors set later, hooks that wrap forwards,
-offloading and casting, threads, copies and pickles, FreeU and PAG. At ratio 0 nothing may change,
+offloading and casting, threads, copies and pickles, FreeU, PAG, guiders' hooks and modular pipelines.
+At ratio 0 nothing may change,
 bit for bit; at ratio > 0 agentsd must stay on."""
 
 import copy
@@ -14,7 +15,10 @@ import pytest
 import torch
 from accelerate import cpu_offload
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
-from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPAGPipeline
+from diffusers import (EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPAGPipeline,
+                       StableDiffusionXLAutoBlocks)
+from diffusers.hooks import HookRegistry, LayerSkipConfig, apply_layer_skip
+from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
 from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_0, CustomDiffusionAttnProcessor2_0,
                                                   SlicedAttnProcessor)
@@ -448,6 +452,96 @@ def test_freeu_and_pag(make, kwargs, agentsd_off_in_pag_layers):
     assert_agentsd_on(pipe.unet)
     agentsd.remove_patch(pipe)
     np.testing.assert_array_equal(generate(pipe, **kwargs), plain)
+
+
+GUIDED_BLOCKS = "down_blocks.0.attentions.0.transformer_blocks"  # on the merged level
+
+
+def skip_layer(**skip):
+    """A hook of diffusers' skip-layer and perturbed-attention guiders on the first guided block."""
+    return lambda unet: apply_layer_skip(unet, LayerSkipConfig(indices=[0], fqn=GUIDED_BLOCKS, **skip))
+
+
+def smoothed_energy(unet):
+    """Smoothed-energy guidance's hook: it blurs attn1's queries, read as an image."""
+    query = unet.get_submodule(GUIDED_BLOCKS)[0].attn1.to_q
+    hook = SmoothedEnergyGuidanceHook(blur_sigma=2.0)
+    HookRegistry.check_if_exists_or_initialize(query).register_hook(hook, "layer_skip_hook")  # removed as guided() does
+
+
+def guided(pipe, add_hook, **kwargs):
+    """Images made with the hook on, added and removed around the call, as the guiders do in each step."""
+    add_hook(pipe.unet)
+    try:
+        return generate(pipe, **kwargs)
+    finally:
+        HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook("layer_skip_hook", recurse=True)
+
+
+@pytest.mark.parametrize(
+    "add_hook, settings, warns",
+    [(skip_layer(skip_attention=True, skip_ff=False), {}, True),
+     (skip_layer(skip_attention=False, skip_attention_scores=True), {}, True),  # PAG's setting
+     (skip_layer(skip_attention=True, skip_ff=True), {}, False),  # the whole block skipped, agentsd's forward too
+     (skip_layer(skip_attention=False, skip_ff=True), {"merge_mlp": True}, True),
+     (smoothed_energy, {}, True)],
+    ids=["skip-attention", "skip-attention-scores", "skip-block", "skip-ff", "smoothed-energy"],
+)  # fmt: skip
+def test_guider_hooks_see_the_block_unmerged(add_hook, settings, warns):
+    """The hooks that diffusers' guiders put on the blocks they perturb: at ratio 0 bit for bit;
+    merging, the guided block computes what it does unpatched (its output from its input, recomputed
+    outside a UNet call, where nothing merges), with a warning, and the other blocks merge. The
+    skip-attention hook crashed (AgentSDAttnProcessor was not in diffusers' registry of processors),
+    the others saw merged tokens."""
+    pipe = tiny_pipeline("sd15")
+    plain = generate(pipe)
+    hooked = guided(pipe, add_hook)
+    assert not np.array_equal(hooked, plain)  # the hook acts
+    agentsd.apply_patch(pipe, 0.0)
+    np.testing.assert_array_equal(guided(pipe, add_hook), hooked)
+
+    agentsd.apply_patch(pipe, **PATCH, **settings)
+    block = pipe.unet.get_submodule(GUIDED_BLOCKS)[0]
+    calls = []
+    record = lambda module, args, kwargs, out: calls.append((args, kwargs, out))  # noqa: E731
+    handle = block.register_forward_hook(record, with_kwargs=True)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        add_hook(pipe.unet)
+        merged = generate(pipe)
+        handle.remove()
+        for args, kwargs, out in calls:
+            torch.testing.assert_close(block(*args, **kwargs), out, rtol=0, atol=0)
+        HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook("layer_skip_hook", recurse=True)
+    assert any("guider's hook" in str(w.message) for w in warned) == warns
+    assert calls and not np.array_equal(merged, hooked) and np.isfinite(merged).all()  # the other blocks merge
+    agentsd.remove_patch(pipe)
+    np.testing.assert_array_equal(generate(pipe), plain)
+
+
+def test_modular_pipeline():
+    """diffusers' modular SDXL pipeline (its guider calls the UNet once per condition): apply_patch takes
+    it as it takes the classic pipeline; its stages follow the scheduler."""
+    classic = tiny_pipeline("sdxl")
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    pipe.update_components(**{name: c for name, c in classic.components.items() if c is not None})
+
+    def latents():
+        return pipe(prompt="a cat", num_inference_steps=5, height=32, width=32, output="latents",
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    plain = latents()
+    agentsd.apply_patch(pipe, 0.0)
+    assert torch.equal(latents(), plain)
+    agentsd.apply_patch(pipe, **PATCH)
+    stages = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *_: stages.append(pipe.unet._agentsd.call.stage_index))
+    merged = latents()
+    handle.remove()
+    assert stages == [0] * 4 + [1] * 6  # 2 of 5 steps with agents, two calls per step
+    assert not torch.equal(merged, plain) and torch.isfinite(merged).all()
+    agentsd.remove_patch(pipe)
+    assert torch.equal(latents(), plain)
 
 
 def test_ratio_zero_sdxl_with_euler_is_bit_identical():

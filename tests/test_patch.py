@@ -177,6 +177,29 @@ def _slice(kwargs, batch):
     return {"added_cond_kwargs": {k: v[:batch] for k, v in kwargs["added_cond_kwargs"].items()}}
 
 
+def test_a_unet_call_that_raises_leaves_no_call_behind():
+    """A UNet call cut short by an error (out of memory in a later block, say) ends as a finished one
+    does: its blocks called on their own afterwards run unpatched (they merged with the dead call's
+    latent size and stage). Ctrl-C is no Exception: torch runs no hook then, and the next call resets."""
+    unet = tiny_unet("sd15")
+    _, block = transformer_blocks(unet)[0]
+    inputs = unet_inputs("sd15")
+    hidden = torch.randn(2, 10 * 14, block.attn1.inner_dim, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with torch.no_grad():
+        expected = block(hidden, encoder_hidden_states=context)
+        agentsd.apply_patch(unet, 0.5, sx=2, sy=2, agent_ratio=0.5, seed=0)
+        handle = unet.mid_block.register_forward_hook(out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            run_unet(unet, inputs)
+        handle.remove()
+        torch.testing.assert_close(block(hidden, encoder_hidden_states=context), expected, rtol=0, atol=0)
+
+
 def test_block_called_outside_a_unet_call_runs_unpatched():
     """A merged level's block called on its own (no UNet call running in this thread, so no latent
     size or stage) gives the unpatched block's output, before the first UNet call and after one, and
