@@ -418,12 +418,11 @@ class PatchedBlock:
     def guided(self) -> bool:
         """Whether a guider's hook (GUIDANCE_HOOKS) is on this block's self-attention or feed-forward
         in this call; warns once."""
-        guided = any(
-            isinstance(hook, GUIDANCE_HOOKS)
-            for module in self.guidance_sites
-            if (registry := module.__dict__.get("_diffusers_hook")) is not None
-            for hook in registry.hooks.values()
-        )
+        guided = False
+        for module in self.guidance_sites:  # loops: torch 2.11's dynamo breaks the graph on a walrus in a generator
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None:
+                guided = guided or any(isinstance(hook, GUIDANCE_HOOKS) for hook in registry.hooks.values())
         if guided and not self.warned_guided:
             self.warned_guided = True
             warnings.warn(
