@@ -91,8 +91,7 @@ def register_with_diffusers_hooks() -> None:
         return
 
     def skip_output(attn, *args, **kwargs):
-        processor = attn.processor
-        beneath = processor.processor if isinstance(processor, AgentSDAttnProcessor) else processor
+        beneath = attn.get_processor()  # on a patched attn1: the processor beneath agentsd's
         return AttentionProcessorRegistry.get(type(beneath)).skip_processor_output_fn(attn, *args, **kwargs)
 
     metadata = AttentionProcessorMetadata(skip_processor_output_fn=skip_output)

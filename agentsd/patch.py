@@ -215,6 +215,7 @@ class UNetPatch:
         # By default only the highest-resolution level with transformer blocks (1 for SD, 2 for SDXL).
         self.max_downsample = config.max_downsample or min(level for level, _ in blocks)
         self.call = CallState()
+        register_with_diffusers_hooks()  # so that guiders can skip attention over its processor
         self.warned_checkpointing = False
         self.handles = [
             unet.register_forward_pre_hook(self.before_unet, with_kwargs=True),
@@ -328,7 +329,6 @@ class PatchedBlock:
         self.guidance_sites = tuple(m for m in (attn, attn.to_q, attn.to_k, attn.to_v, block.ff) if m is not None)
         self.replaced = [(block, "forward", self.forward_beneath)]
         if self.merges_attn1:
-            register_with_diffusers_hooks()
             self.replaced += [(attn, "set_processor", self.set_processor_beneath), (attn, "get_processor", attn.__dict__.get("get_processor"))]
             processor = attn.processor
             attn.set_processor = self.set_processor
@@ -418,19 +418,18 @@ class PatchedBlock:
     def guided(self) -> bool:
         """Whether a guider's hook (GUIDANCE_HOOKS) is on this block's self-attention or feed-forward
         in this call; warns once."""
-        guided = False
-        for module in self.guidance_sites:  # loops: torch 2.11's dynamo breaks the graph on a walrus in a generator
+        for module in self.guidance_sites:  # a loop: torch 2.11's dynamo breaks the graph on a walrus in a generator
             registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None:
-                guided = guided or any(isinstance(hook, GUIDANCE_HOOKS) for hook in registry.hooks.values())
-        if guided and not self.warned_guided:
-            self.warned_guided = True
-            warnings.warn(
-                "agentsd: a guider's hook (perturbed-attention, skip-layer or smoothed-energy guidance) perturbs "
-                "this block, so agentsd does not merge in it during the guider's calls.",
-                stacklevel=2,
-            )
-        return guided
+            if registry is not None and any(isinstance(hook, GUIDANCE_HOOKS) for hook in registry.hooks.values()):
+                if not self.warned_guided:
+                    self.warned_guided = True
+                    warnings.warn(
+                        "agentsd: a guider's hook (perturbed-attention, skip-layer or smoothed-energy guidance) "
+                        "perturbs this block, so agentsd does not merge in it during the guider's calls.",
+                        stacklevel=2,
+                    )
+                return True
+        return False
 
     def forward_replaced(self, *args, **kwargs):
         """The block's forward as it was before the patch."""

@@ -1,7 +1,6 @@
 """The patch under diffusers' features: IP-Adapters, processors set later, hooks that wrap forwards,
 offloading and casting, threads, copies and pickles, FreeU, PAG, guiders' hooks and modular pipelines.
-At ratio 0 nothing may change,
-bit for bit; at ratio > 0 agentsd must stay on."""
+At ratio 0 nothing may change, bit for bit; at ratio > 0 agentsd must stay on."""
 
 import copy
 import io
