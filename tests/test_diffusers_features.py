@@ -16,7 +16,8 @@ from accelerate import cpu_offload
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from diffusers import (EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPAGPipeline,
                        StableDiffusionXLAutoBlocks)
-from diffusers.hooks import HookRegistry, LayerSkipConfig, apply_layer_skip
+from diffusers.hooks import (HookRegistry, LayerSkipConfig, PyramidAttentionBroadcastConfig, apply_layer_skip,
+                            apply_pyramid_attention_broadcast)
 from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
 from diffusers.image_processor import IPAdapterMaskProcessor
 from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_0, CustomDiffusionAttnProcessor2_0,
@@ -322,6 +323,38 @@ def test_offloading_and_casting(offload):
     np.testing.assert_allclose(generate(prepared("before")), after, atol=1e-5)
     agentsd.remove_patch(pipe)
     np.testing.assert_array_equal(generate(pipe), reference)
+
+
+def test_pyramid_attention_broadcast():
+    """diffusers' Pyramid Attention Broadcast hooks every attn1 and returns an earlier call's output in
+    the calls it skips. agentsd's attn1 gives its output at every token position, unmerged, so that
+    output can stand in at a call with another merge pattern or stage: ratio 0 is bit for bit PAB
+    alone, merging runs through skipped calls and across the stage change, remove restores."""
+    computed = []  # the first merged block's attn1 computing (PAB runs its forward), not skipped
+    config = PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=3, spatial_attention_timestep_skip_range=(-1, 1000),
+        current_timestep_callback=lambda: 500)  # fmt: skip
+
+    def images(pipe):
+        HookRegistry.check_if_exists_or_initialize(pipe.unet).reset_stateful_hooks(recurse=True)  # PAB's cache
+        computed.clear()
+        return generate(pipe, steps=6)
+
+    pipe = tiny_pipeline("sd15")
+    plain = images(pipe)
+    agentsd.apply_patch(pipe, ratio=0.0)
+    apply_pyramid_attention_broadcast(pipe.unet, config)  # on the patched UNet; the patch again over it below
+    pipe.unet.get_submodule(GUIDED_BLOCKS)[0].attn1.to_out[0].register_forward_hook(lambda *_: computed.append(1))
+    hooked = images(pipe)
+    assert len(computed) == 3 and not np.array_equal(hooked, plain)  # calls 0, 3, 6 of 7 (PNDM's 6 steps)
+    agentsd.remove_patch(pipe)
+    np.testing.assert_array_equal(images(pipe), hooked)
+    agentsd.apply_patch(pipe, **PATCH)  # stages change between calls 2 and 3: a cached agent-stage output at 1, 2
+    merged = images(pipe)
+    assert len(computed) == 3 and np.isfinite(merged).all() and not np.array_equal(merged, hooked)
+    assert_agentsd_on(pipe.unet)
+    agentsd.remove_patch(pipe)
+    np.testing.assert_array_equal(images(pipe), hooked)
 
 
 # ---------------------------------------------------------------- threads, copies, pickles, schedulers

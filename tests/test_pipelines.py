@@ -3,13 +3,17 @@
 import numpy as np
 import pytest
 import torch
+import inspect
+
 from diffusers import (
     ControlNetModel,
+    ControlNetUnionModel,
     StableDiffusionAdapterPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     T2IAdapter,
 )
@@ -44,6 +48,13 @@ def build(name):
         adapter = T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
         components = {k: v for k, v in base.components.items() if k != "image_encoder"}
         return StableDiffusionAdapterPipeline(**components, adapter=adapter), {"image": _image(1)}
+    if name == "sdxl-controlnet-union":  # ControlNet++: one ControlNet, a control mode per image
+        known = inspect.signature(ControlNetUnionModel.__init__).parameters
+        config = {k: v for k, v in base.unet.config.items() if k in known}
+        controlnet = ControlNetUnionModel(**config, num_trans_channel=16, num_trans_head=1, num_proj_channel=16,
+                                          conditioning_embedding_out_channels=(4, 8, 8, 16))  # fmt: skip
+        pipe = StableDiffusionXLControlNetUnionPipeline(**base.components, controlnet=controlnet)
+        return pipe, {"control_image": [_image(1)], "control_mode": [1]}
     controlnet = ControlNetModel.from_unet(base.unet)
     cls = StableDiffusionXLControlNetPipeline if name.startswith("sdxl") else StableDiffusionControlNetPipeline
     return cls(**base.components, controlnet=controlnet), {"image": _image(1)}
@@ -55,7 +66,8 @@ def generate(pipe, extra, steps=5):
                 output_type="np", **extra).images  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["sd", "img2img", "inpaint", "controlnet", "t2i-adapter", "sdxl", "sdxl-img2img", "sdxl-controlnet"])
+@pytest.mark.parametrize("name", ["sd", "img2img", "inpaint", "controlnet", "t2i-adapter", "sdxl", "sdxl-img2img", "sdxl-controlnet",
+                                  "sdxl-controlnet-union"])
 def test_pipeline_generates_with_patch(name):
     pipe, extra = build(name)
     baseline = generate(pipe, extra)
