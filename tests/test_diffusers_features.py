@@ -343,7 +343,7 @@ def test_pyramid_attention_broadcast():
     pipe = tiny_pipeline("sd15")
     plain = images(pipe)
     agentsd.apply_patch(pipe, ratio=0.0)
-    apply_pyramid_attention_broadcast(pipe.unet, config)  # on the patched UNet; the patch again over it below
+    apply_pyramid_attention_broadcast(pipe.unet, config)  # onto the patched UNet
     pipe.unet.get_submodule(GUIDED_BLOCKS)[0].attn1.to_out[0].register_forward_hook(lambda *_: computed.append(1))
     hooked = images(pipe)
     assert len(computed) == 3 and not np.array_equal(hooked, plain)  # calls 0, 3, 6 of 7 (PNDM's 6 steps)

@@ -1,10 +1,10 @@
 """End to end: tiny diffusers pipelines of each supported kind generate images with the patch on."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
-import inspect
-
 from diffusers import (
     ControlNetModel,
     ControlNetUnionModel,
