@@ -255,8 +255,8 @@ class UNetPatch:
             return
         call.latent = sample
         stages = self.config.stages
-        # At ratio 0 or below min_tokens no block merges and the stage is moot: not looked up (a one-step
-        # run's timestep, SD-Turbo's, is placed by value, with a warning and a device read)
+        # At ratio 0 or below min_tokens no block merges and the stage is moot: not looked up (a timestep
+        # of a custom loop's own is placed by value, with a warning and a device read)
         merges = any(stage.ratio for stage in stages) and sample.shape[-2] * sample.shape[-1] >= self.config.min_tokens
         moot = len(stages) == 1 or not merges
         call.stage_index = 0 if moot else stages.index(stage_at(stages, trajectory_fraction(timestep, self.scheduler)))

@@ -6,9 +6,9 @@ list of timesteps it was taken from. Every diffusers pipeline loops `for t in ti
 is a view into that list: its storage offset is its index and its storage the whole list. That is
 tensor metadata: no device sync, no wrapper on the scheduler or the pipeline, and right for any
 scheduler (Heun's doubled entries and PNDM's extra one included), any number of steps, img2img
-`strength`, several pipelines sharing one UNet and threads. A timestep of its own (a number, or a
-tensor that is no such view) is looked up by value in the `scheduler` given to apply_patch, or else
-placed on the 1000 training timesteps of Stable Diffusion, with a warning.
+`strength`, one-step runs, several pipelines sharing one UNet and threads. A timestep of its own (a
+number, or a tensor that is no such view) is looked up by value in the `scheduler` given to
+apply_patch, or else placed on the 1000 training timesteps of Stable Diffusion, with a warning.
 
 The UNet only reads the stage, so torch.compile specialises once per stage.
 """
@@ -38,7 +38,12 @@ def list_position(timestep) -> tuple[int, int] | None:
     if any(stride != 0 for size, stride in zip(timestep.shape, timestep.stride()) if size > 1):
         return None  # several timesteps
     length = timestep.untyped_storage().nbytes() // timestep.element_size()
-    return (timestep.storage_offset(), length) if length > 1 else None
+    # A one-step run's (SD-Turbo's) one-element list: its element is a view of a 1-D tensor, where a
+    # timestep of its own (torch.tensor(t), even expanded) owns its storage or views a 0-D one.
+    base = timestep._base
+    if length > 1 or (base is not None and base.dim() == 1):
+        return timestep.storage_offset(), length
+    return None
 
 
 def trajectory_fraction(timestep, scheduler=None) -> float:
@@ -63,9 +68,9 @@ def trajectory_fraction(timestep, scheduler=None) -> float:
         timesteps = torch.as_tensor(timesteps).cpu()
         return int((timesteps - value).abs().argmin()) / len(timesteps)
     warnings.warn(
-        "agentsd: the UNet got a timestep that agentsd cannot place in a list of timesteps (a loop's own, or "
-        "the one of a one-step run), and apply_patch got no scheduler= to look it up in: its stage is placed "
-        "by its value on the 1000 training timesteps.",
+        "agentsd: the UNet got a timestep of its own (a number, or a tensor that is no element of a list of "
+        "timesteps, as a custom loop may pass), and apply_patch got no scheduler= to look it up in: its stage "
+        "is placed by its value on the 1000 training timesteps.",
         stacklevel=2,
     )
     return min(max(1 - value / TRAIN_TIMESTEPS, 0.0), 1.0)

@@ -134,7 +134,7 @@ def test_bare_unet_in_a_loop_over_scheduler_timesteps(sd_pipe):
         # and without one, placed by value on the 1000 training timesteps, with a warning
         agentsd.apply_patch(sd_pipe.unet)
         calls = record_stages(sd_pipe.unet)
-        with pytest.warns(UserWarning, match="cannot place in a list of timesteps"):
+        with pytest.warns(UserWarning, match="a timestep of its own"):
             for t in (999, 601, 599, 1):
                 sd_pipe.unet(latents, torch.tensor(t), context)
         assert calls == [0, 0, 1, 1]
@@ -178,20 +178,21 @@ def test_list_position_reads_views_only():
     assert list_position(timesteps[4].clone()) is None
     assert list_position(timesteps[2:4]) is None  # two timesteps
     assert list_position(7) is None
+    one_step = torch.tensor([999])
+    assert list_position(one_step[0]) == list_position(one_step[0].expand(2)) == (0, 1)  # a one-step run's
+    assert list_position(torch.tensor(500)) is None and list_position(torch.tensor(500).expand(2)) is None
 
 
-def test_a_one_step_run_where_nothing_merges_is_not_warned_about(sd_pipe):
-    """A one-step run (SD-Turbo) hands the UNet the one element of a one-element list, which tensor
-    metadata cannot tell from a timestep of its own: where no block merges (below min_tokens, or at
-    ratio 0) the stage does not matter, so it is not looked up (no warning, no device read)."""
-    for quiet in (dict(min_tokens=10**6), dict(ratio=0, min_tokens=0)):
-        agentsd.apply_patch(sd_pipe, **quiet)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            sd_pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="latent")
-    agentsd.apply_patch(sd_pipe, min_tokens=0)  # where blocks merge it is placed by value, as said
-    with pytest.warns(UserWarning, match="cannot place in a list of timesteps"):
+def test_a_one_step_run_is_placed_without_a_warning(sd_pipe):
+    """A one-step run (SD-Turbo's, SDXL-Turbo's) hands the UNet the element of a one-element list: a
+    view of a 1-D tensor, the first (and only) step, without a lookup by value, its device read and
+    its warning (it was warned about, as if a custom loop's timestep, and its stage placed by value)."""
+    agentsd.apply_patch(sd_pipe, min_tokens=0)
+    stages = record_stages(sd_pipe.unet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         sd_pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="latent")
+    assert stages == [0]
 
 
 def test_different_timesteps_in_one_call_are_warned_about():
