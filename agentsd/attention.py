@@ -4,6 +4,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
 from diffusers.models.attention_processor import (
     Attention,
     AttnProcessor,
@@ -85,10 +86,6 @@ class AgentSDAttnProcessor:
 def register_with_diffusers_hooks() -> None:
     """diffusers' layer-skip hooks (its skip-layer and perturbed-attention guiders) find how to skip an
     attn1 by its processor's class; for AgentSDAttnProcessor, the way of the processor beneath it."""
-    try:
-        from diffusers.hooks._helpers import AttentionProcessorMetadata, AttentionProcessorRegistry
-    except ImportError:  # a diffusers without those hooks
-        return
 
     def skip_output(attn, *args, **kwargs):
         beneath = attn.get_processor()  # on a patched attn1: the processor beneath agentsd's

@@ -30,6 +30,7 @@ from conftest import generate, unet_inputs
 from ip_adapters import image_embeds, load_ip_adapter
 
 PATCH = dict(ratio=0.5, seed=0)  # the paper's schedule: both stages run in 4 steps
+GUIDED_BLOCKS = "down_blocks.0.attentions.0.transformer_blocks"  # on the merged level
 
 
 def merged_attn1(unet):
@@ -486,9 +487,6 @@ def test_freeu_and_pag(make, kwargs, agentsd_off_in_pag_layers):
     np.testing.assert_array_equal(generate(pipe, **kwargs), plain)
 
 
-GUIDED_BLOCKS = "down_blocks.0.attentions.0.transformer_blocks"  # on the merged level
-
-
 def skip_layer(**skip):
     """A hook of diffusers' skip-layer and perturbed-attention guiders on the first guided block."""
     return lambda unet: apply_layer_skip(unet, LayerSkipConfig(indices=[0], fqn=GUIDED_BLOCKS, **skip))
@@ -501,13 +499,17 @@ def smoothed_energy(unet):
     HookRegistry.check_if_exists_or_initialize(query).register_hook(hook, "layer_skip_hook")  # removed as guided() does
 
 
+def remove_guider_hooks(unet):
+    HookRegistry.check_if_exists_or_initialize(unet).remove_hook("layer_skip_hook", recurse=True)
+
+
 def guided(pipe, add_hook, **kwargs):
     """Images made with the hook on, added and removed around the call, as the guiders do in each step."""
     add_hook(pipe.unet)
     try:
         return generate(pipe, **kwargs)
     finally:
-        HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook("layer_skip_hook", recurse=True)
+        remove_guider_hooks(pipe.unet)
 
 
 @pytest.mark.parametrize(
@@ -544,7 +546,7 @@ def test_guider_hooks_see_the_block_unmerged(add_hook, settings, warns):
         handle.remove()
         for args, kwargs, out in calls:
             torch.testing.assert_close(block(*args, **kwargs), out, rtol=0, atol=0)
-        HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook("layer_skip_hook", recurse=True)
+        remove_guider_hooks(pipe.unet)
     assert any("guider's hook" in str(w.message) for w in warned) == warns
     assert calls and not np.array_equal(merged, hooked) and np.isfinite(merged).all()  # the other blocks merge
     agentsd.remove_patch(pipe)
