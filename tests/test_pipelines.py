@@ -71,6 +71,8 @@ def generate(pipe, extra, steps=5):
 def test_pipeline_generates_with_patch(name):
     pipe, extra = build(name)
     baseline = generate(pipe, extra)
+    agentsd.apply_patch(pipe, ratio=0.0)
+    np.testing.assert_array_equal(generate(pipe, extra), baseline)  # bit for bit
     agentsd.apply_patch(pipe, ratio=0.5)
     stages = []
     spy = pipe.unet.register_forward_pre_hook(lambda *_: stages.append(pipe.unet._agentsd.config.stages[pipe.unet._agentsd.call.stage_index].sx))
