@@ -141,6 +141,8 @@ def generate(args, parser) -> None:
     if args.seed + len(prompts) > SEED_LIMIT:  # image i takes seed + i, which its metadata records
         parser.error(f"argument --seed: image i uses seed + i, below 2**63: at most 2**63 - {len(prompts)} for "
                      f"{len(prompts)} prompts, got {args.seed}")  # fmt: skip
+    if args.negative_prompt is not None and args.guidance <= 1:  # diffusers ignores it without guidance
+        parser.error(f"argument --negative-prompt: acts only with guidance, --guidance above 1 (got {args.guidance})")
     check_model_arguments(args, parser)
     settings = settings_from(args, parser)
     deepcache = args.deepcache
@@ -179,9 +181,10 @@ def generate(args, parser) -> None:
         made = make_output_folder(out)
     except ValueError as error:
         parser.error(f"argument --out: {error}")
-    common = dict(model=args.model, method=args.method, steps=args.steps, guidance=args.guidance, height=height,
-                  width=width, scheduler=type(pipe.scheduler).__name__, dtype=str(dtype).removeprefix("torch."),
-                  settings=settings, deepcache=deepcache, batch_size=args.batch_size, version=__version__)  # fmt: skip
+    common = dict(model=args.model, negative_prompt=args.negative_prompt, method=args.method, steps=args.steps,
+                  guidance=args.guidance, height=height, width=width, scheduler=type(pipe.scheduler).__name__,
+                  dtype=str(dtype).removeprefix("torch."), settings=settings, deepcache=deepcache,
+                  batch_size=args.batch_size, version=__version__)  # fmt: skip
 
     # numbered on from the images already in --out (as CompVis' txt2img does): a second run adds, never
     # overwrites, also while it runs (claim_png)
@@ -201,7 +204,8 @@ def generate(args, parser) -> None:
     try:
         with removed_if_failing(out, made):  # before the messages below
             stats = generate_images(pipe, jobs, save=save, steps=args.steps, guidance=args.guidance, height=height,
-                                    width=width, batch_size=args.batch_size)  # fmt: skip
+                                    width=width, batch_size=args.batch_size,
+                                    negative_prompt=args.negative_prompt)  # fmt: skip
     except ValueError as error:
         parser.error(pipeline_stopped(error, height, width, args.steps, pipe.scheduler))
     except (KeyboardInterrupt, OSError, torch.OutOfMemoryError) as error:  # say what is saved, no traceback
@@ -229,6 +233,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gen = commands.add_parser("generate", help="generate images with baseline, ToMe or AgentSD")
     gen.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
     gen.add_argument("--prompts-file", help="a text file with one prompt a line")
+    gen.add_argument("--negative-prompt", help="what no image should show (with --guidance above 1)")
     gen.add_argument("--method", choices=METHODS, default="agentsd")
     gen.add_argument("--ratio", type=finite_float, help=f"token merging ratio, in [0, 1) (default {RATIO})")
     gen.add_argument("--out", type=folder, default="outputs/generate", help="folder for the PNG files")

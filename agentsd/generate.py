@@ -32,7 +32,8 @@ class GenerationStats:
 
 
 def generate_images(pipe, jobs: list[Job], *, save, steps: int, guidance: float, height: int, width: int,
-                    batch_size: int, progress: bool = True) -> GenerationStats:  # fmt: skip
+                    batch_size: int, negative_prompt: str | None = None,
+                    progress: bool = True) -> GenerationStats:  # fmt: skip
     """Run `jobs` in batches and call save(job, image) for each. Image i depends only on its prompt,
     seed and the settings (one CPU generator per image), and on its batch only where ToMe merges
     without guidance (guidance <= 1): an odd batch then takes top-left destinations (tomesd's rule),
@@ -60,9 +61,11 @@ def generate_images(pipe, jobs: list[Job], *, save, steps: int, guidance: float,
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
+            negative = None if negative_prompt is None else [negative_prompt] * len(batch)
             images = pipe(
-                prompt=[job.prompt for job in batch], num_inference_steps=steps, guidance_scale=guidance,
-                height=height, width=width, generator=[torch.Generator().manual_seed(job.seed) for job in batch],
+                prompt=[job.prompt for job in batch], negative_prompt=negative, num_inference_steps=steps,
+                guidance_scale=guidance, height=height, width=width,
+                generator=[torch.Generator().manual_seed(job.seed) for job in batch],
                 callback_on_step_end=step_done,
             ).images  # fmt: skip
             if cuda:

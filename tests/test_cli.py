@@ -113,6 +113,18 @@ def test_an_image_regenerates_from_its_metadata(tmp_path):
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
 
 
+def test_the_negative_prompt_reaches_the_pipeline_and_the_metadata(tmp_path):
+    out = generate(tmp_path, "--method", "baseline", "--negative-prompt", "blurry")
+    metadata = Image.open(out / "00000.png").text
+    assert metadata["negative_prompt"] == "blurry"
+    pipe = tiny_pipeline("sd15")  # the CLI's "tiny"
+    direct = pipe("a red cube", negative_prompt="blurry", num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "00000.png")), np.asarray(direct.images[0]))
+    without = generate(tmp_path / "without", "--method", "baseline")
+    assert not np.array_equal(np.asarray(Image.open(without / "00000.png")), np.asarray(direct.images[0]))
+    assert json.loads(Image.open(without / "00000.png").text["agentsd"])["negative_prompt"] is None
+
+
 def test_tiny_sdxl_and_prompts_file(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\n\ntwo\n")
@@ -254,6 +266,7 @@ def assert_one_line_error(code, err, message, prog="agentsd generate"):
     (["x", "--steps", "-3"], "argument --steps: must be a whole number >= 1"),
     (["x", "--guidance", "nan"], "argument --guidance: must be a finite number"),
     (["x", "--guidance", "-1"], "argument --guidance: must be >= 0"),
+    (["x", "--negative-prompt", "blurry", "--guidance", "1"], "argument --negative-prompt: acts only with guidance"),
     (["x", "--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
     (["x", "--seed", "-1"], "argument --seed: must be a whole number in [0, 2**63)"),
     (["x", "--patch-seed", str(2**63)], "argument --patch-seed: must be a whole number in [0, 2**63)"),
