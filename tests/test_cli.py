@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import agentsd.generate
-from agentsd.cli import main
+from agentsd.cli import build_parser, main
 from agentsd.models import tiny_pipeline
 from agentsd.pipelines import load_pipeline
 
@@ -123,6 +124,12 @@ def test_the_negative_prompt_reaches_the_pipeline_and_the_metadata(tmp_path):
     without = generate(tmp_path / "without", "--method", "baseline")
     assert not np.array_equal(np.asarray(Image.open(without / "00000.png")), np.asarray(direct.images[0]))
     assert json.loads(Image.open(without / "00000.png").text["agentsd"])["negative_prompt"] is None
+
+
+def test_the_readme_names_every_generate_option():
+    options = [o for action in build_parser()[1]._actions for o in action.option_strings if o.startswith("--")]
+    readme = (REPO / "README.md").read_text()
+    assert [o for o in options if o != "--help" and not re.search(re.escape(o) + r"(?![\w-])", readme)] == []
 
 
 def test_tiny_sdxl_and_prompts_file(tmp_path):
