@@ -12,11 +12,6 @@ except ImportError:  # CPU-only installs: merge.py runs its torch code
     triton = tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests call kernels directly
-if triton is not None and not INTERPRET and not torch.cuda.is_available():
-    # No GPU for Triton to drive (PyPI's CUDA build of torch on a machine without one, CUDA_VISIBLE_DEVICES=""):
-    # the kernels could not run, and Triton 3.3 and older (torch 2.7 and older) fail at their @triton.autotune
-    # there ("0 active drivers"). merge.py's torch code runs, as where Triton is not installed.
-    triton = tl = None
 TOKEN_BLOCK = 1024 if not INTERPRET else 64  # tokens per program of the kernels over token positions
 
 
