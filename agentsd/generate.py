@@ -57,11 +57,11 @@ def generate_images(pipe, jobs: list[Job], *, save, steps: int, guidance: float,
     with images_bar, steps_bar:  # closed on an error too, before the error is reported
         for number, batch in enumerate(batches):
             steps_bar.reset(total=steps)
+            negative = None if negative_prompt is None else [negative_prompt] * len(batch)
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
-            negative = None if negative_prompt is None else [negative_prompt] * len(batch)
             images = pipe(
                 prompt=[job.prompt for job in batch], negative_prompt=negative, num_inference_steps=steps,
                 guidance_scale=guidance, height=height, width=width,
