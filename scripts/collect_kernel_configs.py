@@ -56,7 +56,12 @@ def main(argv=None):
         kernels.available = lambda x: True  # the kernels in Triton's interpreter, as the tests call them
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["AGENTSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="agentsd-collect-")  # tune everything here
+    with tempfile.TemporaryDirectory(prefix="agentsd-collect-") as cache:
+        os.environ["AGENTSD_CACHE_DIR"] = cache  # tune everything here, in an empty cache
+        collect(args, device, out, argv)
+
+
+def collect(args, device, out: Path, argv) -> None:
     tuned_configs.shipped = lambda gpu: {}
     timings = record_timings()
     gpu = tuned_configs.gpu_name(device)

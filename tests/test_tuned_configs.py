@@ -114,10 +114,11 @@ def test_shipped_tables_are_for_this_source_of_the_kernels():
 def test_collect_script_writes_a_table_the_package_reads(tmp_path, monkeypatch):
     """scripts/collect_kernel_configs.py (tiny UNets in the interpreter): a table for this GPU and this
     source with one config per tuned key, the timings of each call with how they were measured, and the
-    user's own cache left alone."""
-    out, user_cache = tmp_path / "out", tmp_path / "user-cache"
+    user's own cache left alone, and its own tuning cache removed."""
+    out, user_cache, temp = tmp_path / "out", tmp_path / "user-cache", tmp_path / "temp"
+    temp.mkdir()
     script = Path(__file__).parent.parent / "scripts" / "collect_kernel_configs.py"
-    env = dict(os.environ, TRITON_INTERPRET="1", AGENTSD_CACHE_DIR=str(user_cache))
+    env = dict(os.environ, TRITON_INTERPRET="1", AGENTSD_CACHE_DIR=str(user_cache), TMPDIR=str(temp))
     argv = ["--tiny", "--kinds", "sd15", "--dtypes", "fp16", "--out", str(out)]
     subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, check=True)
     table = json.loads((out / "interpreter.json").read_text())
@@ -127,7 +128,7 @@ def test_collect_script_writes_a_table_the_package_reads(tmp_path, monkeypatch):
     assert len(table["configs"]) == 2 and all(key.endswith("-float16") for key in table["configs"])
     assert timings["header"]["command"].endswith(" ".join(argv))
     assert timings["header"]["command"] in (out / "timings-interpreter.md").read_text()
-    assert not user_cache.exists()
+    assert not user_cache.exists() and not any(temp.iterdir())
     monkeypatch.setattr(tuned_configs, "SHIPPED", out)
     tuned_configs.shipped.cache_clear()
     try:
