@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import threading
+from pathlib import Path
 
 import diffusers
 from diffusers import DiffusionPipeline, UNet2DConditionModel
@@ -79,6 +80,13 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     path = os.environ.get("AGENTSD_SUITE_COUNTS")
-    if path:
-        with open(path, "w") as f:
-            json.dump(dict(COUNTS, agentsd=agentsd.__file__, settings=SETTINGS), f, indent=1)
+    if not path:
+        return
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if worker:  # pytest-xdist: each worker writes its own counts, the controller (unconfigured last) sums them
+        Path(f"{path}.{worker}").write_text(json.dumps(COUNTS))
+        return
+    for part in Path(path).parent.glob(f"{Path(path).name}.gw*"):
+        COUNTS.update(json.loads(part.read_text()))
+        part.unlink()
+    Path(path).write_text(json.dumps(dict(COUNTS, agentsd=agentsd.__file__, settings=SETTINGS), indent=1))
