@@ -43,7 +43,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=image_size, default=None,
                         help="a multiple of 8 (default: the model's own size)")
     parser.add_argument("--width", type=image_size, default=None, help="a multiple of 8")
-    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="images per pipeline call (default 1)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the pipeline's own")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 elsewhere")
     parser.add_argument("--device", default=None,
