@@ -83,10 +83,9 @@ def shipped(gpu: str) -> dict:
     another model of the same architecture (the name's -smXY), else {}.
 
     Models of one architecture share the per-block limits a config must fit (shared memory,
-    registers), and on the H100 one fixed config per kernel was within 7% of the tuned one at 26 of
-    28 keys (docs/performance.md), a few microseconds per call: so a sibling's table is worth more
-    to an H200 or H100 PCIe user than tuning anew, which costs the first process at a new size about
-    12 s."""
+    registers); the H200's own tuning picked the H100's config at 25 of 28 keys, the other three
+    within 27 us per call (docs/performance.md): so a sibling's table is worth more to, say, an H100
+    PCIe user than tuning anew, which cost the first process 28 s at SD 1.5 1024 on an H100."""
     own = SHIPPED / f"{gpu}.json"
     siblings = sorted(SHIPPED.glob(f"*-{gpu.rsplit('-', 1)[-1]}.json")) if "-sm" in gpu else []
     for path in [own, *(p for p in siblings if p != own)]:
