@@ -84,7 +84,7 @@ def shipped(gpu: str) -> dict:
 
     Models of one architecture share the per-block limits a config must fit (shared memory,
     registers); the H200's own tuning picked the H100's config at 25 of 28 keys, the other three
-    within 27 us per call (docs/performance.md): so a sibling's table is worth more to, say, an H100
+    within 6 us per call (docs/performance.md): so a sibling's table is worth more to, say, an H100
     PCIe user than tuning anew, which cost the first process 28 s at SD 1.5 1024 on an H100."""
     own = SHIPPED / f"{gpu}.json"
     siblings = sorted(SHIPPED.glob(f"*-{gpu.rsplit('-', 1)[-1]}.json")) if "-sm" in gpu else []
