@@ -23,6 +23,7 @@ from diffusers.models.attention_processor import (
 
 from .merge import merge, merge_with_agents, unmerge
 from .nn.functional import _agent_attention as agent_attention  # its shapes are right by construction here
+from .schedule import StagedPlan
 
 
 # Processors of diffusers that compute softmax(Q K^T / sqrt(d)) V from attn.to_q/to_k/to_v, each its own
@@ -64,6 +65,13 @@ class AgentSDAttnProcessor:
         plan = self.patched_block.plan_of(attn)
         if plan is None or attention_mask is not None or hidden_states.shape[1] != plan.num_tokens:
             return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if isinstance(plan, StagedPlan):
+            return self.patched_block.patch.over_stages(
+                plan,
+                lambda p, x, h: self.merged_attention(attn, h, encoder_hidden_states, p, **kwargs),
+                lambda x, h: self.processor(attn, h, encoder_hidden_states, None, **kwargs),
+                hidden_states,
+            )
         return self.merged_attention(attn, hidden_states, encoder_hidden_states, plan, **kwargs)
 
     def merged_attention(self, attn, x: torch.Tensor, context: torch.Tensor | None, plan, residual=None, **kwargs) -> torch.Tensor:

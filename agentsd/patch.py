@@ -29,8 +29,8 @@ from .attention import (POSITION_FREE_CROSS_ATTENTION, AgentSDAttnProcessor, is_
                         register_with_diffusers_hooks)  # fmt: skip
 from .block import is_lean, lean_forward, runs_lean
 from .config import K_SCALE2, K_SHORTCUT, RATIO, SEED, AgentSDConfig, build_config
-from .merge import merge, merge_counts, plan_block, token_grid, unmerge
-from .schedule import stage_at, trajectory_fraction
+from .merge import Grid, merge, merge_counts, plan_block, token_grid, unmerge
+from .schedule import StagedPlan, stage_at, trajectory_fraction
 
 # The hooks of diffusers' guiders (perturbed-attention, skip-layer, smoothed-energy) in the blocks they
 # perturb, for their extra calls: they read the self-attention's queries as an image (SEG's blur) or
@@ -193,11 +193,12 @@ class PerThread(threading.local):
 
 class CallState(PerThread):
     """The UNet call running in this thread, as before_unet found it: the index of its stage in
-    config.stages (an int: torch 2.11's dynamo cannot guard a Stage read from here), its input latent
-    (a tensor, not its size: under torch.compile's dynamic shapes its sizes are the graph's symbols, so
-    one graph serves every size), seed of the destinations (None: top-left) and timestep."""
+    config.stages (an int: torch 2.11's dynamo cannot guard a Stage read from here) and the same as
+    one CPU bool tensor per stage (`stage_flags`, read by compiled calls, see StagedPlan), its input
+    latent (a tensor, not its size: under torch.compile's dynamic shapes its sizes are the graph's
+    symbols, so one graph serves every size), seed of the destinations (None: top-left) and timestep."""
 
-    names = ("stage_index", "latent", "seed", "timestep")
+    names = ("stage_index", "stage_flags", "latent", "seed", "timestep")
 
 
 class PlanSlot(PerThread):
@@ -215,6 +216,9 @@ class UNetPatch:
         # By default only the highest-resolution level with transformer blocks (1 for SD, 2 for SDXL).
         self.max_downsample = config.max_downsample or min(level for level, _ in blocks)
         self.call = CallState()
+        # CallState.stage_flags of each stage: made once, so that eager calls pay nothing for them
+        stages = range(len(config.stages))
+        self.stage_flags = [tuple(torch.tensor(i == j) for j in stages) for i in stages]
         register_with_diffusers_hooks()  # so that guiders can skip attention over its processor
         self.warned_checkpointing = False
         self.handles = [
@@ -238,7 +242,7 @@ class UNetPatch:
             patched_block.remove()
 
     # Eager even inside a compiled UNet: it reads the timestep's place in its list from tensor metadata,
-    # and the compiled blocks read only the stage it sets (one graph per stage).
+    # and the compiled blocks read only the stage it sets (as data through stage_flags, see StagedPlan).
     @torch.compiler.disable
     def before_unet(self, unet, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
@@ -260,6 +264,7 @@ class UNetPatch:
         merges = any(stage.ratio for stage in stages) and sample.shape[-2] * sample.shape[-1] >= self.config.min_tokens
         moot = len(stages) == 1 or not merges
         call.stage_index = 0 if moot else stages.index(stage_at(stages, trajectory_fraction(timestep, self.scheduler)))
+        call.stage_flags = self.stage_flags[call.stage_index]
         # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
         use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
         call.seed = self.config.seed if use_rand else None
@@ -269,8 +274,10 @@ class UNetPatch:
         # a block called on its own after this call runs unpatched, as before the first call
         self.call.latent = self.call.timestep = None
 
-    def plan_for(self, x: torch.Tensor):
-        """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched."""
+    def plan_for(self, x: torch.Tensor, staged: bool = False):
+        """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched; a
+        StagedPlan where `staged` (the plan's one user can take one) and torch.compile traces a
+        schedule of several stages."""
         call = self.call
         # stage_index is read last, only where a block merges: under torch.compile reading it makes a
         # graph per stage, which a run that merges nothing (min_tokens, say at 512px) does not need
@@ -282,14 +289,47 @@ class UNetPatch:
         grid = token_grid(call.latent.shape[-2:], num_tokens)
         if grid.downsample > self.max_downsample or grid.height * grid.width != num_tokens:
             return None
-        stage = self.config.stages[call.stage_index]
-        num_dst = (grid.height // stage.sy) * (grid.width // stage.sx)
-        num_merged, num_agent_merged = merge_counts(num_tokens, num_dst, stage.ratio, stage.agent_ratio)
+        stages = self.config.stages
+        if staged and len(stages) > 1 and torch.compiler.is_compiling():
+            return StagedPlan(x, grid) if any(_merge_counts(num_tokens, grid, s)[0] for s in stages) else None
+        return self.stage_plan(x, grid, stages[call.stage_index])
+
+    def stage_plan(self, x: torch.Tensor, grid: Grid, stage):
+        """The merge plan of `stage` for a block whose input x lies on `grid`, or None where it merges
+        nothing. Inside torch.cond's branches too: it only reads what a trace may (sizes, the seed)."""
+        num_merged, num_agent_merged = _merge_counts(x.shape[1], grid, stage)
         if num_merged == 0:
             return None
         # One destination pattern per level and call (a level's blocks draw the same one): drawn
         # again in every block, it lives only as long as the block's plan.
-        return plan_block(x, grid, stage.sy, stage.sx, num_merged, num_agent_merged, call.seed, call.timestep)
+        return plan_block(x, grid, stage.sy, stage.sx, num_merged, num_agent_merged, self.call.seed, self.call.timestep)
+
+    def over_stages(self, plan: StagedPlan, merged, unmerged, h: torch.Tensor) -> torch.Tensor:
+        """The self-attention of a block in this call's stage: merged(stage's plan, x, h), or unmerged(x,
+        h) in a stage that merges nothing in this block (x: the block input, h: attn1's input), as a
+        torch.cond on each stage's CPU flag in turn. Both branches are traced, the rest of the UNet
+        once; the flag costs no device sync, and inductor partitions the graph around the cond
+        (reduce-overhead still replays the rest as CUDA graphs)."""
+        stages, flags = self.config.stages, self.call.stage_flags
+
+        def in_stage(i):
+            def run(x, h):
+                stage_plan = self.stage_plan(x, plan.grid, stages[i])
+                return unmerged(x, h) if stage_plan is None else merged(stage_plan, x, h)
+
+            if i == len(stages) - 1:
+                return run
+            later = in_stage(i + 1)
+            return lambda x, h: torch.cond(flags[i], run, later, (x, h))
+
+        # operands, not closures, and contiguous: inductor may lay out a branch's input otherwise than
+        # the branch was traced with
+        return in_stage(0)(plan.x.contiguous(), h.contiguous())
+
+
+def _merge_counts(num_tokens: int, grid: Grid, stage) -> tuple[int, int | None]:
+    num_dst = (grid.height // stage.sy) * (grid.width // stage.sx)
+    return merge_counts(num_tokens, num_dst, stage.ratio, stage.agent_ratio)
 
 
 def _has_weights(processor) -> bool:
@@ -399,7 +439,7 @@ class PatchedBlock:
         if self.removed:
             return self.forward_replaced(hidden_states, *args, **kwargs)
         if self.users:
-            plan = self.patch.plan_for(hidden_states)
+            plan = self.patch.plan_for(hidden_states, staged=self.users == [self.block.attn1])
             self.slot.plan = None if plan is not None and self.guided() else plan
         processor = self.own_processor() if self.merges_attn1 else None
         if self.merges_attn1 and processor is None and not self.warned:
@@ -443,6 +483,11 @@ class PatchedBlock:
         plan = self.plan_of(attn) if self.merges_attn1 else None
         if plan is None:
             return plain_attention(attn, h, h) + residual
+        if isinstance(plan, StagedPlan):
+            merged = attn.processor.merged_attention  # residual: the block input
+            return self.patch.over_stages(
+                plan, lambda p, x, h: merged(attn, h, None, p, x), lambda x, h: plain_attention(attn, h, h) + x, h
+            )
         return attn.processor.merged_attention(attn, h, None, plan, residual)
 
     def merge_input(self, module, args, kwargs):

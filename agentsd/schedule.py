@@ -10,16 +10,34 @@ scheduler (Heun's doubled entries and PNDM's extra one included), any number of 
 number, or a tensor that is no such view) is looked up by value in the `scheduler` given to
 apply_patch, or else placed on the 1000 training timesteps of Stable Diffusion, with a warning.
 
-The UNet only reads the stage, so torch.compile specialises once per stage.
+Eager calls read the stage; a block traced by torch.compile that merges only for its self-attention
+takes every stage at once (StagedPlan), so that one graph serves them all; other traced blocks read
+the stage, and torch.compile makes a graph per stage.
 """
 
 import warnings
+from typing import NamedTuple
 
 import torch
 
 from .config import Stage
+from .merge import Grid
 
 TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD 1.x/2.x/SDXL scheduler config
+
+
+class StagedPlan(NamedTuple):
+    """In a call that torch.compile traces, the merge plan of a block that merges only for attn1, in
+    every stage at once: its input and grid. Its user computes the self-attention as a torch.cond over
+    the stages (UNetPatch.over_stages): reading the stage instead would make a whole-UNet graph per
+    stage, and compiling the paper's schedule would take about twice the unpatched UNet's time."""
+
+    x: torch.Tensor
+    grid: Grid
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
 
 
 def stage_at(stages: tuple[Stage, ...], fraction: float) -> Stage:

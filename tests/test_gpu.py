@@ -69,6 +69,32 @@ def test_compile_equals_eager(mode, dtype):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_schedule_follows_the_stage_in_one_graph(mode):
+    """The paper's schedule compiled: one graph takes both stages (a torch.cond on a CPU flag per
+    stage); in reduce-overhead mode the CUDA graphs replayed around it follow the stage, both ways."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    unet, sample, context = _setup(torch.float16)  # the agent stage alone
+    timesteps = torch.tensor([981, 741, 501, 261, 21], device="cuda")  # a list: stages 0, 0, 1, 1, 1
+    agent_stage_late = unet(sample, timesteps[4], context).sample
+    agentsd.apply_patch(unet, 0.5, seed=0)
+    stages = []
+    spy = torch.compiler.disable(lambda *_: stages.append(unet._agentsd.call.stage_index))  # no guard on len(stages)
+    unet.register_forward_pre_hook(spy)
+    eager = [unet(sample, t, context).sample for t in timesteps]
+    compiled = torch.compile(unet, fullgraph=True, mode=mode)
+    for _ in range(3):  # warm-up, recording, replays (from stage 1 back to 0)
+        for t, expected in zip(timesteps, eager):
+            torch.testing.assert_close(compiled(sample, t, context).sample, expected, rtol=2e-2, atol=2e-2)
+    assert stages == [0, 0, 1, 1, 1] * 4
+    assert not torch.allclose(agent_stage_late, eager[4], rtol=2e-2, atol=2e-2)  # the stages tell apart
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("how", ["whole", "regional"])
 def test_compiled_at_new_sizes_equals_eager(how):
     """With dynamic shapes (what torch.compile turns to at a second size; asked for here, to compile
