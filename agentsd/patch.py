@@ -348,6 +348,7 @@ class PatchedBlock:
         self.block = block
         self.users = users
         self.last_user = users[-1] if users else None  # the plan is given up after it, before the feed-forward where memory peaks
+        self.staged = users == [block.attn1]  # its one user can take a StagedPlan (see UNetPatch.plan_for)
         self.slot = PlanSlot()
         self.lean = is_lean(block)
         self.removed = False
@@ -439,7 +440,7 @@ class PatchedBlock:
         if self.removed:
             return self.forward_replaced(hidden_states, *args, **kwargs)
         if self.users:
-            plan = self.patch.plan_for(hidden_states, staged=self.users == [self.block.attn1])
+            plan = self.patch.plan_for(hidden_states, staged=self.staged)
             self.slot.plan = None if plan is not None and self.guided() else plan
         processor = self.own_processor() if self.merges_attn1 else None
         if self.merges_attn1 and processor is None and not self.warned:

@@ -33,7 +33,7 @@ def main():
         torch._dynamo.reset()
         # a graph per stage: no block takes a StagedPlan (as with merge_crossattn), so each reads the stage
         allowed = variant == "one graph"
-        patch.UNetPatch.plan_for = lambda self, x, staged=False: one_graph(self, x, allowed and staged)
+        patch.UNetPatch.plan_for = lambda self, x, staged=False, allowed=allowed: one_graph(self, x, allowed and staged)
         unet = copy.deepcopy(base)
         if variant != "unpatched":
             agentsd.apply_patch(unet, seed=0, min_tokens=None if cuda else 0)
