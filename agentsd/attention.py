@@ -68,9 +68,10 @@ class AgentSDAttnProcessor:
         if isinstance(plan, StagedPlan):
             return self.patched_block.patch.over_stages(
                 plan,
-                lambda p, x, h: self.merged_attention(attn, h, encoder_hidden_states, p, **kwargs),
-                lambda x, h: self.processor(attn, h, encoder_hidden_states, None, **kwargs),
+                lambda p, h: self.merged_attention(attn, h, encoder_hidden_states, p, **kwargs),
+                lambda h: self.processor(attn, h, encoder_hidden_states, None, **kwargs),
                 hidden_states,
+                self.patched_block.attn1_norm(),
             )
         return self.merged_attention(attn, hidden_states, encoder_hidden_states, plan, **kwargs)
 

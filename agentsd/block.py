@@ -62,11 +62,11 @@ def runs_lean(block: nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs
         and kwargs.keys() <= _BLOCK_KWARGS
         and block._chunk_size is None
         and type(block.attn2.processor) is AttnProcessor2_0
-        and not any(_wrapped(m) for m in (block.attn1, block.attn2, block.ff, block.ff.net[0]))
+        and not any(wrapped(m) for m in (block.attn1, block.attn2, block.ff, block.ff.net[0]))
     )
 
 
-def _wrapped(module: nn.Module) -> bool:
+def wrapped(module: nn.Module) -> bool:
     """Hooks on `module`, or a forward set on the instance (accelerate's and diffusers' hooks wrap it so)."""
     return bool(module._forward_pre_hooks or module._forward_hooks) or "forward" in module.__dict__
 

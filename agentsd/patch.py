@@ -25,9 +25,10 @@ from diffusers.hooks.layer_skip import AttentionProcessorSkipHook, FeedForwardSk
 from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceHook
 from diffusers.models.attention import BasicTransformerBlock
 
+from . import schedule
 from .attention import (POSITION_FREE_CROSS_ATTENTION, AgentSDAttnProcessor, is_plain, plain_attention,
                         register_with_diffusers_hooks)  # fmt: skip
-from .block import is_lean, lean_forward, runs_lean
+from .block import is_lean, lean_forward, runs_lean, wrapped
 from .config import K_SCALE2, K_SHORTCUT, RATIO, SEED, AgentSDConfig, build_config
 from .merge import Grid, merge, merge_counts, plan_block, token_grid, unmerge
 from .schedule import StagedPlan, stage_at, trajectory_fraction
@@ -276,8 +277,8 @@ class UNetPatch:
 
     def plan_for(self, x: torch.Tensor, staged: bool = False):
         """The merge plan of a block whose input is x (B, N, C), or None to run it unpatched; a
-        StagedPlan where `staged` (the plan's one user can take one) and torch.compile traces a
-        schedule of several stages."""
+        StagedPlan where `staged` (the plan's one user can take one), torch.compile traces a schedule
+        of several stages and ONE_GRAPH_FOR_STAGES."""
         call = self.call
         # stage_index is read last, only where a block merges: under torch.compile reading it makes a
         # graph per stage, which a run that merges nothing (min_tokens, say at 512px) does not need
@@ -290,8 +291,9 @@ class UNetPatch:
         if grid.downsample > self.max_downsample or grid.height * grid.width != num_tokens:
             return None
         stages = self.config.stages
-        if staged and len(stages) > 1 and torch.compiler.is_compiling():
-            return StagedPlan(x, grid) if any(_merge_counts(num_tokens, grid, s)[0] for s in stages) else None
+        if staged and len(stages) > 1 and schedule.ONE_GRAPH_FOR_STAGES and torch.compiler.is_compiling():
+            merges = any(_merge_counts(num_tokens, grid, s)[0] for s in stages)
+            return StagedPlan(x.contiguous(), grid) if merges else None
         return self.stage_plan(x, grid, stages[call.stage_index])
 
     def stage_plan(self, x: torch.Tensor, grid: Grid, stage):
@@ -304,27 +306,33 @@ class UNetPatch:
         # again in every block, it lives only as long as the block's plan.
         return plan_block(x, grid, stage.sy, stage.sx, num_merged, num_agent_merged, self.call.seed, self.call.timestep)
 
-    def over_stages(self, plan: StagedPlan, merged, unmerged, h: torch.Tensor) -> torch.Tensor:
-        """The self-attention of a block in this call's stage: merged(stage's plan, x, h), or unmerged(x,
-        h) in a stage that merges nothing in this block (x: the block input, h: attn1's input), as a
-        torch.cond on each stage's CPU flag in turn. Both branches are traced, the rest of the UNet
+    def over_stages(self, plan: StagedPlan, merged, unmerged, h: torch.Tensor | None = None, norm=None) -> torch.Tensor:
+        """The self-attention of a block in this call's stage: merged(stage's plan, h), or unmerged(h)
+        in a stage that merges nothing in this block (h: attn1's input; x = plan.x, the block input),
+        as a torch.cond on each stage's CPU flag in turn. Both branches are traced, the rest of the UNet
         once; the flag costs no device sync, and inductor partitions the graph around the cond
-        (reduce-overhead still replays the rest as CUDA graphs)."""
+        (reduce-overhead still replays the rest as CUDA graphs). With `norm`, each branch computes h =
+        norm(x) itself and `h` is not needed."""
         stages, flags = self.config.stages, self.call.stage_flags
 
         def in_stage(i):
-            def run(x, h):
+            def run(x, *given):
+                h = norm(x) if norm is not None else given[0]
                 stage_plan = self.stage_plan(x, plan.grid, stages[i])
-                return unmerged(x, h) if stage_plan is None else merged(stage_plan, x, h)
+                return unmerged(h) if stage_plan is None else merged(stage_plan, h)
 
             if i == len(stages) - 1:
                 return run
             later = in_stage(i + 1)
-            return lambda x, h: torch.cond(flags[i], run, later, (x, h))
+            return lambda *operands: torch.cond(flags[i], run, later, operands)
 
-        # operands, not closures, and contiguous: inductor may lay out a branch's input otherwise than
-        # the branch was traced with
-        return in_stage(0)(plan.x.contiguous(), h.contiguous())
+        # Operands, not closures, and contiguous (StagedPlan.x is): inductor may lay out a branch's input
+        # otherwise than the branch was traced with. An operand whose last use is the cond stays
+        # allocated to the end of the compiled UNet whenever the false branch runs (inductor 2.11-2.13
+        # frees the operands in the true branch only; +0.175 GiB at SD 1.5 1024 on an H100): x lives on
+        # as the block's residual, and h, where the caller gives `norm`, is no operand.
+        operands = (plan.x,) if norm is not None else (plan.x, h.contiguous())
+        return in_stage(0)(*operands)
 
 
 def _merge_counts(num_tokens: int, grid: Grid, stage) -> tuple[int, int | None]:
@@ -442,6 +450,8 @@ class PatchedBlock:
         if self.users:
             plan = self.patch.plan_for(hidden_states, staged=self.staged)
             self.slot.plan = None if plan is not None and self.guided() else plan
+            if isinstance(self.slot.plan, StagedPlan):
+                hidden_states = plan.x  # contiguous: the block's residual is the cond's operand (see over_stages)
         processor = self.own_processor() if self.merges_attn1 else None
         if self.merges_attn1 and processor is None and not self.warned:
             self.warned = True
@@ -484,12 +494,20 @@ class PatchedBlock:
         plan = self.plan_of(attn) if self.merges_attn1 else None
         if plan is None:
             return plain_attention(attn, h, h) + residual
-        if isinstance(plan, StagedPlan):
-            merged = attn.processor.merged_attention  # residual: the block input
-            return self.patch.over_stages(
-                plan, lambda p, x, h: merged(attn, h, None, p, x), lambda x, h: plain_attention(attn, h, h) + x, h
-            )
+        if isinstance(plan, StagedPlan):  # the residual added after the cond, so that it outlives it
+            merged = attn.processor.merged_attention
+            unmerged = lambda h: plain_attention(attn, h, h)
+            out = self.patch.over_stages(plan, lambda p, h: merged(attn, h, None, p), unmerged, norm=self.block.norm1)
+            return out + residual
         return attn.processor.merged_attention(attn, h, None, plan, residual)
+
+    def attn1_norm(self):
+        """block.norm1 where attn1's input in this forward is norm1(block input), as in diffusers'
+        BasicTransformerBlock with a plain layer norm, else None (see UNetPatch.over_stages)."""
+        block = self.block
+        diffusers_forward = self.forward_beneath is None and self.class_forward is BasicTransformerBlock.forward
+        plain_norm = block.norm_type == "layer_norm" and block.pos_embed is None
+        return block.norm1 if diffusers_forward and plain_norm and not wrapped(block.attn1) else None
 
     def merge_input(self, module, args, kwargs):
         """attn2's or ff's input merged (merge_crossattn, merge_mlp) where nothing reads its tokens by place."""

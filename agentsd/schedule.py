@@ -10,9 +10,9 @@ scheduler (Heun's doubled entries and PNDM's extra one included), any number of 
 number, or a tensor that is no such view) is looked up by value in the `scheduler` given to
 apply_patch, or else placed on the 1000 training timesteps of Stable Diffusion, with a warning.
 
-Eager calls read the stage; a block traced by torch.compile that merges only for its self-attention
-takes every stage at once (StagedPlan), so that one graph serves them all; other traced blocks read
-the stage, and torch.compile makes a graph per stage.
+Eager calls read the stage, and so do traced blocks: torch.compile makes a graph per stage. Where
+inductor caches graphs that hold a torch.cond (ONE_GRAPH_FOR_STAGES), a traced block that merges only
+for its self-attention takes every stage at once (StagedPlan), so that one graph serves them all.
 """
 
 import warnings
@@ -26,13 +26,20 @@ from .merge import Grid
 TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD 1.x/2.x/SDXL scheduler config
 
 
+# One graph compiles in two thirds of the time of a graph per stage (SD 1.5 1024, H100, torch 2.11:
+# 66 s against 99 s), but inductor keeps no graph with a torch.cond in its caches (cond.cacheable() is
+# False in torch 2.11-2.13): every later process compiles it again (38 s, where the caches give the
+# unpatched UNet in 10 s; docs/performance.md, "Compiled: one graph or a graph per stage").
+ONE_GRAPH_FOR_STAGES = torch.ops.higher_order.cond.cacheable()
+
+
 class StagedPlan(NamedTuple):
     """In a call that torch.compile traces, the merge plan of a block that merges only for attn1, in
     every stage at once: its input and grid. Its user computes the self-attention as a torch.cond over
     the stages (UNetPatch.over_stages): reading the stage instead would make a whole-UNet graph per
     stage, and compiling the paper's schedule would take about twice the unpatched UNet's time."""
 
-    x: torch.Tensor
+    x: torch.Tensor  # contiguous; the block goes on with it
     grid: Grid
 
     @property

@@ -1,7 +1,8 @@
 """Peak memory of one compiled UNet call in each stage of the paper's schedule, three ways: the
-schedule as one graph (a torch.cond per merged block, the default), a graph per stage (what agentsd
-compiled before), and unpatched. SD 1.5 at 1024px with random weights, fp16, default compile mode;
-the peak is above what was allocated before the call, of the second call in each stage.
+schedule as one graph (a torch.cond per merged block, agentsd.schedule.ONE_GRAPH_FOR_STAGES), a graph
+per stage (the default while inductor does not cache graphs with a torch.cond), and unpatched. SD 1.5
+at 1024px with random weights, fp16, default compile mode; the peak is above what was allocated before
+the call, of the second call in each stage.
 
     python scripts/compiled_stage_memory.py
 
@@ -14,7 +15,7 @@ import time
 import torch
 
 import agentsd
-from agentsd import patch
+from agentsd import schedule
 from agentsd.models import random_pipeline, tiny_pipeline
 
 
@@ -28,12 +29,10 @@ def main():
         base = tiny_pipeline("sd15").unet.eval()
         sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, base.config.cross_attention_dim)
     timesteps = torch.linspace(981, 1, 50, device=sample.device).round()  # a list: index 0 is stage 0, 30 stage 1
-    one_graph = patch.UNetPatch.plan_for
+    default = schedule.ONE_GRAPH_FOR_STAGES
     for variant in ("one graph", "graph per stage", "unpatched"):
         torch._dynamo.reset()
-        # a graph per stage: no block takes a StagedPlan (as with merge_crossattn), so each reads the stage
-        allowed = variant == "one graph"
-        patch.UNetPatch.plan_for = lambda self, x, staged=False, allowed=allowed: one_graph(self, x, allowed and staged)
+        schedule.ONE_GRAPH_FOR_STAGES = variant == "one graph"
         unet = copy.deepcopy(base)
         if variant != "unpatched":
             agentsd.apply_patch(unet, seed=0, min_tokens=None if cuda else 0)
@@ -51,7 +50,7 @@ def main():
                         torch.cuda.synchronize()
                         peaks[stage] = f"{(torch.cuda.max_memory_allocated() - before) / 2**30:.3f} GB"
         print(f"{variant}: {peaks or 'no CUDA, no peaks'} ({time.perf_counter() - start:.1f} s, compiling included)", flush=True)
-    patch.UNetPatch.plan_for = one_graph
+    schedule.ONE_GRAPH_FOR_STAGES = default
 
 
 if __name__ == "__main__":

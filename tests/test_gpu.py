@@ -70,11 +70,13 @@ def test_compile_equals_eager(mode, dtype):
 
 @torch.no_grad()
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_schedule_follows_the_stage_in_one_graph(mode):
-    """The paper's schedule compiled: one graph takes both stages (a torch.cond on a CPU flag per
-    stage); in reduce-overhead mode the CUDA graphs replayed around it follow the stage, both ways."""
+@pytest.mark.parametrize("one_graph", [False, True], ids=["graph per stage", "one graph"])
+def test_compiled_schedule_follows_the_stage(monkeypatch, mode, one_graph):
+    """The paper's schedule compiled: a graph per stage, or one graph for both (a torch.cond on a CPU
+    flag per stage); in reduce-overhead mode the CUDA graphs replayed follow the stage, both ways."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
     torch._dynamo.reset()
     counters.clear()
     unet, sample, context = _setup(torch.float16)  # the agent stage alone
@@ -91,7 +93,7 @@ def test_compiled_schedule_follows_the_stage_in_one_graph(mode):
             torch.testing.assert_close(compiled(sample, t, context).sample, expected, rtol=2e-2, atol=2e-2)
     assert stages == [0, 0, 1, 1, 1] * 4
     assert not torch.allclose(agent_stage_late, eager[4], rtol=2e-2, atol=2e-2)  # the stages tell apart
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == (1 if one_graph else 2)
 
 
 @torch.no_grad()
