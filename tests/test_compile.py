@@ -1,4 +1,4 @@
-"""torch.compile of a patched UNet: the eager result, no graph break, one graph for every stage."""
+"""torch.compile of a patched UNet: the eager result, no graph break, a graph per stage or one for all."""
 
 import copy
 import re
@@ -107,9 +107,9 @@ def test_diffusers_features_compile_to_the_eager_images(feature):
     assert not counters["graph_break"]
 
 
-# (apply_patch settings, graphs): merging only for attn1, each block's self-attention takes every stage
-# at once; where attn2 merges too, it would need the stage's plan in two places: a graph per stage.
-GRAPHS_OVER_WHOLE_RUNS = {  # settings, one graph for both stages where it can, graphs
+# (apply_patch settings, ONE_GRAPH_FOR_STAGES, graphs): with one graph, a block merging only for attn1
+# takes every stage at once; where attn2 merges too it needs the stage's plan in two places: a graph per stage.
+GRAPHS_OVER_WHOLE_RUNS = {
     "merging": (dict(min_tokens=0), False, 2),
     "merging, one graph": (dict(min_tokens=0), True, 1),
     "nothing-merged": (dict(min_tokens=10**9), False, 1),
