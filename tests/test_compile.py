@@ -192,9 +192,12 @@ def test_dynamic_shapes_compile_to_the_eager_result():
     assert not counters["graph_break"]
 
 
-def test_regional_compilation_compiles_the_unpatched_graphs(one_graph, sd_pipe):
+@pytest.mark.parametrize("one_graph", [False, True], ids=["graph per stage", "one graph"])
+def test_regional_compilation_graphs(monkeypatch, sd_pipe, one_graph):
     """diffusers' compile_repeated_blocks compiles each BasicTransformerBlock on its own: under the paper's
-    schedule the merged level's blocks can take both stages in one graph, so that no block compiles twice."""
+    schedule the merged level's blocks compile again for the second stage, or, with one graph for both,
+    no block compiles twice."""
+    monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
     def generate(pipe):
         generator = torch.Generator().manual_seed(0)
         return pipe("a cat", num_inference_steps=5, height=64, width=64, output_type="latent", generator=generator).images
@@ -212,4 +215,4 @@ def test_regional_compilation_compiles_the_unpatched_graphs(one_graph, sd_pipe):
             torch.testing.assert_close(generate(pipe), eager, rtol=0, atol=0)
         assert not counters["graph_break"]
         graphs[patched] = counters["stats"]["unique_graphs"]
-    assert graphs[True] == graphs[False]
+    assert graphs[True] == graphs[False] + (0 if one_graph else 1)
