@@ -266,6 +266,8 @@ class UNetPatch:
         moot = len(stages) == 1 or not merges
         call.stage_index = 0 if moot else stages.index(stage_at(stages, trajectory_fraction(timestep, self.scheduler)))
         call.stage_flags = self.stage_flags[call.stage_index]
+        if not moot and schedule.ONE_GRAPH_FOR_STAGES:
+            schedule.keep_cond_graphs_in_caches()  # before a compiled UNet's first graph is compiled
         # An odd batch cannot hold both CFG halves, which must share one pattern (as in ToMeSD).
         use_rand = self.config.use_rand and sample.shape[0] % 2 == 0
         call.seed = self.config.seed if use_rand else None

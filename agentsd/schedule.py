@@ -27,10 +27,26 @@ TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD 1.x/2.x/SDXL scheduler
 
 
 # One graph compiles in two thirds of the time of a graph per stage (SD 1.5 1024, H100, torch 2.11:
-# 66 s against 99 s), but inductor keeps no graph with a torch.cond in its caches (cond.cacheable() is
-# False in torch 2.11-2.13): every later process compiles it again (38 s, where the caches give the
-# unpatched UNet in 10 s; docs/performance.md, "Compiled: one graph or a graph per stage").
+# 66 s against 99 s), but inductor keeps no graph with a torch.cond in its caches unless cond is marked
+# cacheable (it is not in torch 2.11-2.14): every later process compiled it again (38 s, where the
+# caches give the unpatched UNet in 10 s; docs/performance.md, "Compiled: one graph or a graph per
+# stage"). Set by hand, the flag marks cond (keep_cond_graphs_in_caches); whether one graph kept in
+# the caches should be the default waits for a GPU measurement (docs/performance.md).
 ONE_GRAPH_FOR_STAGES = torch.ops.higher_order.cond.cacheable()
+
+
+def keep_cond_graphs_in_caches() -> None:
+    """Where ONE_GRAPH_FOR_STAGES is set by hand: let inductor's FX graph and AOTAutograd caches keep
+    graphs that hold a torch.cond, through the config torch offers for ops it has not marked cacheable
+    (a key of its own: torch's version). The caches' key holds both branches: on the CPU a second
+    process hit both caches for the same schedule, and a change in either branch alone missed
+    (docs/results/2026-12-07-cpu/cond_cache.log)."""
+    cond = torch.ops.higher_order.cond
+    if not cond.cacheable():
+        from torch._inductor import config
+
+        name = f"{cond.__module__}.{cond.__name__}"
+        config.unsafe_marked_cacheable_functions = {**config.unsafe_marked_cacheable_functions, name: torch.__version__}
 
 
 class StagedPlan(NamedTuple):
