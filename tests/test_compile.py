@@ -48,11 +48,15 @@ def test_compiled_equals_eager_in_both_stages_from_one_graph(one_graph, kind, ba
     spy = torch.compiler.disable(lambda *_: stages.append(unet._agentsd.call.stage_index))  # no guard on len(stages)
     unet.register_forward_pre_hook(spy)
     eager = [run_unet(unet, (sample, t, context, kwargs)) for t in timesteps]
-    # the compiled UNet's own first call marks cond cacheable, not the eager calls above
-    with torch._inductor.config.patch(unsafe_marked_cacheable_functions={}):
+
+    def compiled_runs_give_eager():
         compiled = torch.compile(unet, backend=backend, fullgraph=True)  # fullgraph raises on any graph break
         for t, expected in zip(timesteps, eager):
             torch.testing.assert_close(run_unet(compiled, (sample, t, context, kwargs)), expected, rtol=1e-4, atol=1e-4)
+
+    # the compiled UNet's own first call marks cond cacheable, not the eager calls above
+    with torch._inductor.config.patch(unsafe_marked_cacheable_functions={}):
+        compiled_runs_give_eager()
         assert stages == [0, 0, 1, 1] * 2
         assert counters["stats"]["unique_graphs"] == 1
         assert not counters["graph_break"]
@@ -60,9 +64,7 @@ def test_compiled_equals_eager_in_both_stages_from_one_graph(one_graph, kind, ba
             assert counters["inductor"]["fxgraph_cache_bypass"] == counters["aot_autograd"]["autograd_cache_bypass"] == 0
             torch._dynamo.reset()
             counters.clear()
-            compiled = torch.compile(unet, backend=backend, fullgraph=True)
-            for t, expected in zip(timesteps, eager):
-                torch.testing.assert_close(run_unet(compiled, (sample, t, context, kwargs)), expected, rtol=1e-4, atol=1e-4)
+            compiled_runs_give_eager()
             assert counters["aot_autograd"]["autograd_cache_hit"] == 1
 
 
@@ -203,12 +205,13 @@ def test_dynamic_shapes_compile_to_the_eager_result():
     assert not counters["graph_break"]
 
 
-@pytest.mark.parametrize("one_graph", [False, True], ids=["graph per stage", "one graph"])
-def test_regional_compilation_graphs(monkeypatch, sd_pipe, one_graph):
+@pytest.mark.parametrize("one_graph_for_stages", [False, True], ids=["graph per stage", "one graph"])
+def test_regional_compilation_graphs(monkeypatch, sd_pipe, one_graph_for_stages):
     """diffusers' compile_repeated_blocks compiles each BasicTransformerBlock on its own: under the paper's
     schedule the merged level's blocks compile again for the second stage, or, with one graph for both,
     no block compiles twice."""
-    monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
+    monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph_for_stages)
+
     def generate(pipe):
         generator = torch.Generator().manual_seed(0)
         return pipe("a cat", num_inference_steps=5, height=64, width=64, output_type="latent", generator=generator).images
@@ -226,4 +229,4 @@ def test_regional_compilation_graphs(monkeypatch, sd_pipe, one_graph):
             torch.testing.assert_close(generate(pipe), eager, rtol=0, atol=0)
         assert not counters["graph_break"]
         graphs[patched] = counters["stats"]["unique_graphs"]
-    assert graphs[True] == graphs[False] + (0 if one_graph else 1)
+    assert graphs[True] == graphs[False] + (0 if one_graph_for_stages else 1)
