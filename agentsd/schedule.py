@@ -10,9 +10,9 @@ scheduler (Heun's doubled entries and PNDM's extra one included), any number of 
 number, or a tensor that is no such view) is looked up by value in the `scheduler` given to
 apply_patch, or else placed on the 1000 training timesteps of Stable Diffusion, with a warning.
 
-Eager calls read the stage, and so do traced blocks: torch.compile makes a graph per stage. Where
-inductor caches graphs that hold a torch.cond (ONE_GRAPH_FOR_STAGES), a traced block that merges only
-for its self-attention takes every stage at once (StagedPlan), so that one graph serves them all.
+Eager calls read the stage. A block that torch.compile traces and that merges only for its
+self-attention takes every stage at once (StagedPlan, ONE_GRAPH_FOR_STAGES), so that one graph serves
+them all; other traced blocks read the stage, and torch.compile makes a graph per stage.
 """
 
 import warnings
@@ -26,18 +26,17 @@ from .merge import Grid
 TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD 1.x/2.x/SDXL scheduler config
 
 
-# One graph compiles in two thirds of the time of a graph per stage (SD 1.5 1024, H100, torch 2.11:
-# 66 s against 99 s), but inductor keeps no graph with a torch.cond in its caches unless cond is marked
-# cacheable (it is not in torch 2.11-2.14): every later process compiled it again (38 s, where the
-# caches give the unpatched UNet in 10 s; docs/performance.md, "Compiled: one graph or a graph per
-# stage"). Set by hand, the flag marks cond (keep_cond_graphs_in_caches); whether one graph kept in
-# the caches should be the default waits for a GPU measurement (docs/performance.md).
-ONE_GRAPH_FOR_STAGES = torch.ops.higher_order.cond.cacheable()
+# One graph for every stage compiles in the unpatched UNet's time (SD 1.5 1024, H100, torch 2.11: 51 s
+# against 61 s; a graph per stage 95-97 s) and runs as fast (1.21x against 1.22x). Torch does not mark
+# torch.cond cacheable (2.11-2.14), so agentsd does (keep_cond_graphs_in_caches): without that, every
+# later process compiled the one graph again; with it a fresh process's first image takes 12.7 s against
+# the unpatched 10.6 s (docs/performance.md, "One graph, the default"). False: a graph per stage.
+ONE_GRAPH_FOR_STAGES = True
 
 
 def keep_cond_graphs_in_caches() -> None:
-    """Where ONE_GRAPH_FOR_STAGES is set by hand: let inductor's FX graph and AOTAutograd caches keep
-    graphs that hold a torch.cond, through the config torch offers for ops it has not marked cacheable
+    """Where ONE_GRAPH_FOR_STAGES: let inductor's FX graph and AOTAutograd caches keep graphs that hold
+    a torch.cond, through the config torch offers for ops it has not marked cacheable
     (a key of its own: torch's version). The caches' key holds both branches: on the CPU a second
     process hit both caches for the same schedule, and a change in either branch alone missed
     (docs/results/2026-12-07-cpu/cond_cache.log)."""

@@ -80,7 +80,7 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--deepcache-interval", type=int, default=3, help="DeepCache's cache interval")
     parser.add_argument("--first-image-methods", nargs="*", choices=list(METHODS), metavar="METHOD",
                         help="methods whose first image is timed in fresh processes (default: baseline and agentsd "
-                             "where they run; none: skip)")  # fmt: skip
+                             "where they run; the option alone: none)")  # fmt: skip
     parser.add_argument("--out", type=folder, help="a folder for the results (default: outputs/speed/DATE-TIME, "
                         "new each run; one holding an earlier run's results is refused)")
     parser.add_argument("--first-image", nargs=3, metavar=("CONFIG", "METHOD", "MODE"), help=argparse.SUPPRESS)

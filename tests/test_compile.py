@@ -120,11 +120,12 @@ def test_diffusers_features_compile_to_the_eager_images(feature):
     assert not counters["graph_break"]
 
 
-# (apply_patch settings, ONE_GRAPH_FOR_STAGES, graphs): with one graph, a block merging only for attn1
-# takes every stage at once; where attn2 merges too it needs the stage's plan in two places: a graph per stage.
+# (apply_patch settings, ONE_GRAPH_FOR_STAGES or None for the default, graphs): with one graph, a block merging
+# only for attn1 takes every stage at once; where attn2 merges too it needs the stage's plan in two places: a
+# graph per stage.
 GRAPHS_OVER_WHOLE_RUNS = {
-    "merging": (dict(min_tokens=0), False, 2),
-    "merging, one graph": (dict(min_tokens=0), True, 1),
+    "merging": (dict(min_tokens=0), None, 1),
+    "merging, a graph per stage": (dict(min_tokens=0), False, 2),
     "nothing-merged": (dict(min_tokens=10**9), False, 1),
     "merging-cross-attention, one graph": (dict(min_tokens=0, merge_crossattn=True), True, 2),
 }
@@ -132,11 +133,13 @@ GRAPHS_OVER_WHOLE_RUNS = {
 
 @pytest.mark.parametrize("case", GRAPHS_OVER_WHOLE_RUNS)
 def test_graphs_over_whole_runs(monkeypatch, sd_pipe, case):
-    """A graph per stage over runs that pass both stages (the UNet's pre-hook runs eagerly: it reads
-    where the timestep lies), or one graph as unpatched where both stages can share it; one also where
-    no block reaches min_tokens (by default SD 1.5 at 512px, SDXL at 1024px). Each gives the eager images."""
+    """Over runs that pass both stages: one graph, as unpatched, where both stages can share it (the
+    default), else a graph per stage (the UNet's pre-hook runs eagerly: it reads where the timestep
+    lies); one also where no block reaches min_tokens (by default SD 1.5 at 512px, SDXL at 1024px).
+    Each gives the eager images."""
     settings, one_graph, graphs = GRAPHS_OVER_WHOLE_RUNS[case]
-    monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
+    if one_graph is not None:
+        monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
     agentsd.apply_patch(sd_pipe, **settings)
     eager = generate(sd_pipe, steps=10)
     sd_pipe.unet = torch.compile(sd_pipe.unet, backend="eager", fullgraph=True)
