@@ -172,11 +172,12 @@ def test_kernels_compile_as_custom_ops(monkeypatch, stage):
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
-def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch):
+@pytest.mark.parametrize("settings", [dict(ratio=0.5, sx=2, sy=2, agent_ratio=0.5), dict(min_tokens=0)], ids=["a stage", "the paper schedule"])
+def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch, settings):
     """From a second size on torch.compile makes the sizes symbols (dynamic shapes): the patched UNet,
-    kernels' ops included (here through Triton's interpreter), then serves every size with the graphs
-    the unpatched UNet needs, not one more per size (recompile_limit would stop that at 8), and gives
-    the eager result at each."""
+    kernels' ops included (here through Triton's interpreter) and the paper schedule's one graph, then
+    serves every size with the graphs the unpatched UNet needs, not one more per size (recompile_limit
+    would stop that at 8), and gives the eager result at each."""
     monkeypatch.setattr(kernels, "available", lambda x: True)
     sizes = [(16, 16), (24, 24), (32, 16)]  # the second makes both sizes symbols (8 would be 1 at the bottom)
     graphs = {}
@@ -185,7 +186,7 @@ def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch):
         counters.clear()
         unet = unet_from_config("sd15", tiny=True).eval()
         if patched:
-            agentsd.apply_patch(unet, 0.5, sx=2, sy=2, agent_ratio=0.5, seed=0)
+            agentsd.apply_patch(unet, **settings, seed=0)
         eager = [run_unet(unet, unet_inputs("sd15", latent=size)) for size in sizes]
         compiled = torch.compile(unet, backend="eager", fullgraph=True)  # dynamo traces the ops through their fakes
         graphs[patched] = []  # after each size
