@@ -30,7 +30,7 @@ def fresh_dynamo():
 
 @pytest.fixture
 def one_graph(monkeypatch):
-    """Both stages in one graph, as where inductor caches graphs with a torch.cond (not marked so up to torch 2.14)."""
+    """Both stages in one graph (the default), whatever the default: these tests keep that path covered."""
     monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", True)
 
 
