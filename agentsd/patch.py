@@ -312,9 +312,9 @@ class UNetPatch:
         """The self-attention of a block in this call's stage: merged(stage's plan, h), or unmerged(h)
         in a stage that merges nothing in this block (h: attn1's input; x = plan.x, the block input),
         as a torch.cond on each stage's CPU flag in turn. Both branches are traced, the rest of the UNet
-        once; the flag costs no device sync, and inductor partitions the graph around the cond
-        (reduce-overhead still replays the rest as CUDA graphs). With `norm`, each branch computes h =
-        norm(x) itself and `h` is not needed."""
+        once; the flag costs no device sync (but inductor keeps no CUDA graphs for a graph holding a
+        cond: see ONE_GRAPH_FOR_STAGES). With `norm`, each branch computes h = norm(x) itself and `h`
+        is not needed."""
         stages, flags = self.config.stages, self.call.stage_flags
 
         def in_stage(i):

@@ -10,9 +10,9 @@ scheduler (Heun's doubled entries and PNDM's extra one included), any number of 
 number, or a tensor that is no such view) is looked up by value in the `scheduler` given to
 apply_patch, or else placed on the 1000 training timesteps of Stable Diffusion, with a warning.
 
-Eager calls read the stage. A block that torch.compile traces and that merges only for its
-self-attention takes every stage at once (StagedPlan, ONE_GRAPH_FOR_STAGES), so that one graph serves
-them all; other traced blocks read the stage, and torch.compile makes a graph per stage.
+Eager calls read the stage, and so do blocks that torch.compile traces: it makes a graph per stage.
+With ONE_GRAPH_FOR_STAGES, a traced block that merges only for its self-attention takes every stage
+at once (StagedPlan), so that one graph serves them all.
 """
 
 import warnings
@@ -26,12 +26,14 @@ from .merge import Grid
 TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD 1.x/2.x/SDXL scheduler config
 
 
-# One graph for every stage compiles in the unpatched UNet's time (SD 1.5 1024, H100, torch 2.11: 51 s
-# against 61 s; a graph per stage 95-97 s) and runs as fast (1.21x against 1.22x). Torch does not mark
-# torch.cond cacheable (2.11-2.14), so agentsd does (keep_cond_graphs_in_caches): without that, every
-# later process compiled the one graph again; with it a fresh process's first image takes 12.7 s against
-# the unpatched 10.6 s (docs/performance.md, "One graph, the default"). False: a graph per stage.
-ONE_GRAPH_FOR_STAGES = True
+# True: one graph for every stage. In torch.compile's default mode it compiles in the unpatched UNet's
+# time (SD 1.5 1024, H100, torch 2.11: 51 s against 61 s; a graph per stage 95-97 s) and runs as fast
+# (1.21x against 1.22x). Not the default, because inductor turns CUDA graphs off for any graph holding a
+# torch.cond on GPU tensors (torch 2.11-2.13, lowering of cond): reduce-overhead and max-autotune then
+# run without them (0.87x the compiled baseline against 1.32x with a graph per stage), and under
+# diffusers' compile_repeated_blocks inductor passed a branch an input laid out otherwise than traced
+# (an error at SD 1.5 1024). docs/performance.md, "One graph: CUDA graphs off".
+ONE_GRAPH_FOR_STAGES = False
 
 
 def keep_cond_graphs_in_caches() -> None:

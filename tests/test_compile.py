@@ -30,7 +30,7 @@ def fresh_dynamo():
 
 @pytest.fixture
 def one_graph(monkeypatch):
-    """Both stages in one graph (the default), whatever the default: these tests keep that path covered."""
+    """Both stages in one graph (agentsd.schedule.ONE_GRAPH_FOR_STAGES, not the default)."""
     monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", True)
 
 
@@ -124,8 +124,8 @@ def test_diffusers_features_compile_to_the_eager_images(feature):
 # only for attn1 takes every stage at once; where attn2 merges too it needs the stage's plan in two places: a
 # graph per stage.
 GRAPHS_OVER_WHOLE_RUNS = {
-    "merging": (dict(min_tokens=0), None, 1),
-    "merging, a graph per stage": (dict(min_tokens=0), False, 2),
+    "merging": (dict(min_tokens=0), None, 2),
+    "merging, one graph": (dict(min_tokens=0), True, 1),
     "nothing-merged": (dict(min_tokens=10**9), False, 1),
     "merging-cross-attention, one graph": (dict(min_tokens=0, merge_crossattn=True), True, 2),
 }
@@ -133,10 +133,10 @@ GRAPHS_OVER_WHOLE_RUNS = {
 
 @pytest.mark.parametrize("case", GRAPHS_OVER_WHOLE_RUNS)
 def test_graphs_over_whole_runs(monkeypatch, sd_pipe, case):
-    """Over runs that pass both stages: one graph, as unpatched, where both stages can share it (the
-    default), else a graph per stage (the UNet's pre-hook runs eagerly: it reads where the timestep
-    lies); one also where no block reaches min_tokens (by default SD 1.5 at 512px, SDXL at 1024px).
-    Each gives the eager images."""
+    """Over runs that pass both stages: a graph per stage (the default; the UNet's pre-hook runs
+    eagerly: it reads where the timestep lies), or with ONE_GRAPH_FOR_STAGES one graph, as unpatched,
+    where both stages can share it; one also where no block reaches min_tokens (by default SD 1.5 at
+    512px, SDXL at 1024px). Each gives the eager images."""
     settings, one_graph, graphs = GRAPHS_OVER_WHOLE_RUNS[case]
     if one_graph is not None:
         monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
@@ -173,9 +173,9 @@ def test_kernels_compile_as_custom_ops(monkeypatch, stage):
 
 @pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
 @pytest.mark.parametrize("settings", [dict(ratio=0.5, sx=2, sy=2, agent_ratio=0.5), dict(min_tokens=0)], ids=["a stage", "the paper schedule"])
-def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch, settings):
+def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch, one_graph, settings):
     """From a second size on torch.compile makes the sizes symbols (dynamic shapes): the patched UNet,
-    kernels' ops included (here through Triton's interpreter) and the paper schedule's one graph, then
+    kernels' ops included (here through Triton's interpreter) and the paper schedule as one graph, then
     serves every size with the graphs the unpatched UNet needs, not one more per size (recompile_limit
     would stop that at 8), and gives the eager result at each."""
     monkeypatch.setattr(kernels, "available", lambda x: True)

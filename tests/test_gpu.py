@@ -73,7 +73,9 @@ def test_compile_equals_eager(mode, dtype):
 @pytest.mark.parametrize("one_graph", [False, True], ids=["graph per stage", "one graph"])
 def test_compiled_schedule_follows_the_stage(monkeypatch, mode, one_graph):
     """The paper's schedule compiled: a graph per stage, or one graph for both (a torch.cond on a CPU
-    flag per stage); in reduce-overhead mode the CUDA graphs replayed follow the stage, both ways."""
+    flag per stage); in reduce-overhead mode the CUDA graphs replayed follow the stage. Inductor keeps
+    no CUDA graphs for a graph holding a cond (torch 2.11-2.13): why one graph is not the default; a
+    torch that keeps them fails this test, and the default should be looked at again."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
@@ -94,6 +96,33 @@ def test_compiled_schedule_follows_the_stage(monkeypatch, mode, one_graph):
     assert stages == [0, 0, 1, 1, 1] * 4
     assert not torch.allclose(agent_stage_late, eager[4], rtol=2e-2, atol=2e-2)  # the stages tell apart
     assert counters["stats"]["unique_graphs"] == (1 if one_graph else 2)
+    if mode == "reduce-overhead":
+        assert bool(counters["inductor"]["cudagraph_skips"]) == one_graph
+
+
+# Inductor (torch 2.11) passes a cond's branch a block input laid out as the input (a strided view), while the
+# branch was traced with it contiguous; README says to keep ONE_GRAPH_FOR_STAGES off with regional compiling.
+FAILS_REGIONALLY = pytest.mark.xfail(raises=AssertionError, strict=True, reason="inductor's assert_size_stride")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("one_graph", [False, pytest.param(True, marks=FAILS_REGIONALLY)], ids=["per stage", "one"])
+def test_regional_compilation_follows_the_stage(monkeypatch, one_graph):
+    """diffusers' compile_repeated_blocks under the paper's schedule, inductor's code: each stage's eager
+    result. The blocks' input is a strided view here (SD 1.5's proj_in is a convolution), as at full size."""
+    monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
+    torch._dynamo.reset()
+    unet = unet_from_config("sd15", tiny=True).to("cuda", torch.float16).eval()
+    agentsd.apply_patch(unet, 0.5, min_tokens=0, seed=0)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 32, 32, generator=g).to("cuda", torch.float16)
+    context = torch.randn(2, 77, 32, generator=g).to("cuda", torch.float16)
+    timesteps = torch.tensor([981, 661, 341, 21], device="cuda")  # a list: stages 0, 0, 1, 1
+    eager = [unet(sample, t, context).sample for t in timesteps]
+    unet.compile_repeated_blocks(fullgraph=True)
+    for _ in range(2):
+        for t, expected in zip(timesteps, eager):
+            torch.testing.assert_close(unet(sample, t, context).sample, expected, rtol=2e-2, atol=2e-2)
 
 
 @torch.no_grad()
