@@ -32,7 +32,7 @@ TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD 1.x/2.x/SDXL scheduler
 # torch.cond on GPU tensors (torch 2.11-2.13, lowering of cond): reduce-overhead and max-autotune then
 # run without them (0.87x the compiled baseline against 1.32x with a graph per stage), and under
 # diffusers' compile_repeated_blocks inductor passed a branch an input laid out otherwise than traced
-# (an error at SD 1.5 1024). docs/performance.md, "One graph: CUDA graphs off".
+# (an error at SD 1.5 1024). docs/performance.md, "One graph: no CUDA graphs".
 ONE_GRAPH_FOR_STAGES = False
 
 
