@@ -316,9 +316,11 @@ class UNetPatch:
         cond: see ONE_GRAPH_FOR_STAGES). With `norm`, each branch computes h = norm(x) itself and `h`
         is not needed."""
         stages, flags = self.config.stages, self.call.stage_flags
+        channels = plan.x.shape[-1]
 
         def in_stage(i):
-            def run(x, *given):
+            def run(*flat):
+                x, *given = (t.unflatten(1, (-1, channels)) for t in flat)
                 h = norm(x) if norm is not None else given[0]
                 stage_plan = self.stage_plan(x, plan.grid, stages[i])
                 return unmerged(h) if stage_plan is None else merged(stage_plan, h)
@@ -328,13 +330,15 @@ class UNetPatch:
             later = in_stage(i + 1)
             return lambda *operands: torch.cond(flags[i], run, later, operands)
 
-        # Operands, not closures, and contiguous (StagedPlan.x is): inductor may lay out a branch's input
-        # otherwise than the branch was traced with. An operand whose last use is the cond stays
-        # allocated to the end of the compiled UNet whenever the false branch runs (inductor 2.11-2.13
-        # frees the operands in the true branch only; +0.175 GiB at SD 1.5 1024 on an H100): x lives on
-        # as the block's residual, and h, where the caller gives `norm`, is no operand.
+        # Operands, not closures, contiguous (StagedPlan.x is) and flattened to (B, N * C): inductor does not
+        # lay a cond's operands out as its branches were traced (torch 2.11-2.13), and a copy made contiguous
+        # can keep its source's strides, as a block input from SD 1.5's proj_in (a convolution) has under
+        # compile_repeated_blocks; a view that merges N and C fixes the copy contiguous. An operand whose last
+        # use is the cond stays allocated to the end of the compiled UNet whenever the false branch runs
+        # (inductor 2.11-2.13 frees the operands in the true branch only; +0.175 GiB at SD 1.5 1024 on an H100):
+        # x lives on as the block's residual, and h, where the caller gives `norm`, is no operand.
         operands = (plan.x,) if norm is not None else (plan.x, h.contiguous())
-        return in_stage(0)(*operands)
+        return in_stage(0)(*(t.flatten(1) for t in operands))
 
 
 def _merge_counts(num_tokens: int, grid: Grid, stage) -> tuple[int, int | None]:

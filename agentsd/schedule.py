@@ -30,9 +30,9 @@ TRAIN_TIMESTEPS = 1000  # num_train_timesteps of every SD 1.x/2.x/SDXL scheduler
 # time (SD 1.5 1024, H100, torch 2.11: 51 s against 61 s; a graph per stage 95-97 s) and runs as fast
 # (1.21x against 1.22x). Not the default, because inductor turns CUDA graphs off for any graph holding a
 # torch.cond on GPU tensors (torch 2.11-2.13, lowering of cond): reduce-overhead and max-autotune then
-# run without them (0.87x the compiled baseline against 1.32x with a graph per stage), and under
-# diffusers' compile_repeated_blocks inductor passed a branch an input laid out otherwise than traced
-# (an error at SD 1.5 1024). docs/performance.md, "One graph: no CUDA graphs".
+# run without them (0.87x the compiled baseline against 1.32x with a graph per stage). Regional compiling
+# gains nothing from it: a graph per stage compiles there in the baseline's time. docs/performance.md,
+# "One graph: no CUDA graphs".
 ONE_GRAPH_FOR_STAGES = False
 
 

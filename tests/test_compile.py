@@ -209,6 +209,23 @@ def test_dynamic_shapes_compile_to_the_eager_result():
     assert not counters["graph_break"]
 
 
+@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+def test_regional_compilation_of_one_graph_gives_the_eager_result(monkeypatch, one_graph):
+    """compile_repeated_blocks with inductor and the kernels' ops (Triton's interpreter), both stages in one
+    graph. A block's input is a graph input there, strided (SD 1.5's proj_in is a convolution): inductor
+    laid the cond's contiguous operand out as that input, not as its branches were traced, and
+    assert_size_stride failed (torch 2.11-2.13, on GPUs too); operands go in flattened."""
+    monkeypatch.setattr(kernels, "available", lambda x: True)
+    unet = unet_from_config("sd15", tiny=True).eval()
+    agentsd.apply_patch(unet, 0.5, min_tokens=0, seed=0)
+    sample, _, context, kwargs = unet_inputs("sd15", latent=(12, 12))
+    timesteps = torch.tensor([981, 21])  # a list: stages 0 and 1
+    eager = [run_unet(unet, (sample, t, context, kwargs)) for t in timesteps]
+    unet.compile_repeated_blocks(fullgraph=True)
+    for t, expected in zip(timesteps, eager):
+        torch.testing.assert_close(run_unet(unet, (sample, t, context, kwargs)), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("one_graph_for_stages", [False, True], ids=["graph per stage", "one graph"])
 def test_regional_compilation_graphs(monkeypatch, sd_pipe, one_graph_for_stages):
     """diffusers' compile_repeated_blocks compiles each BasicTransformerBlock on its own: under the paper's

@@ -100,16 +100,12 @@ def test_compiled_schedule_follows_the_stage(monkeypatch, mode, one_graph):
         assert bool(counters["inductor"]["cudagraph_skips"]) == one_graph
 
 
-# Inductor (torch 2.11) passes a cond's branch a block input laid out as the input (a strided view), while the
-# branch was traced with it contiguous; README says to keep ONE_GRAPH_FOR_STAGES off with regional compiling.
-FAILS_REGIONALLY = pytest.mark.xfail(raises=AssertionError, strict=True, reason="inductor's assert_size_stride")
-
-
 @torch.no_grad()
-@pytest.mark.parametrize("one_graph", [False, pytest.param(True, marks=FAILS_REGIONALLY)], ids=["per stage", "one"])
+@pytest.mark.parametrize("one_graph", [False, True], ids=["graph per stage", "one graph"])
 def test_regional_compilation_follows_the_stage(monkeypatch, one_graph):
     """diffusers' compile_repeated_blocks under the paper's schedule, inductor's code: each stage's eager
-    result. The blocks' input is a strided view here (SD 1.5's proj_in is a convolution), as at full size."""
+    result. The blocks' input is a strided view here (SD 1.5's proj_in is a convolution), as at full size,
+    where one graph's cond once failed inductor's assert_size_stride (UNetPatch.over_stages)."""
     monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
     torch._dynamo.reset()
     unet = unet_from_config("sd15", tiny=True).to("cuda", torch.float16).eval()
