@@ -171,14 +171,23 @@ def test_kernels_compile_as_custom_ops(monkeypatch, stage):
     assert {f"agentsd.{op}.default" for op in ("plan", "merge", "unmerge")} <= called
 
 
+# (apply_patch settings, the kernels' ops on): through Triton's interpreter they take most of the suite's time,
+# so the paper schedule as one graph (a cond over symbolic sizes) runs on the torch merge
+NEW_SIZES = {
+    "a stage, kernels": (dict(ratio=0.5, sx=2, sy=2, agent_ratio=0.5), True),
+    "the paper schedule": (dict(min_tokens=0), False),
+}
+
+
 @pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
-@pytest.mark.parametrize("settings", [dict(ratio=0.5, sx=2, sy=2, agent_ratio=0.5), dict(min_tokens=0)], ids=["a stage", "the paper schedule"])
-def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch, one_graph, settings):
+@pytest.mark.parametrize("case", NEW_SIZES)
+def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch, one_graph, case):
     """From a second size on torch.compile makes the sizes symbols (dynamic shapes): the patched UNet,
     kernels' ops included (here through Triton's interpreter) and the paper schedule as one graph, then
     serves every size with the graphs the unpatched UNet needs, not one more per size (recompile_limit
     would stop that at 8), and gives the eager result at each."""
-    monkeypatch.setattr(kernels, "available", lambda x: True)
+    settings, use_kernels = NEW_SIZES[case]
+    monkeypatch.setattr(kernels, "available", lambda x: use_kernels)
     sizes = [(16, 16), (24, 24), (32, 16)]  # the second makes both sizes symbols (8 would be 1 at the bottom)
     graphs = {}
     for patched in (False, True):
