@@ -43,10 +43,12 @@ def keep_cond_graphs_in_caches() -> None:
     process hit both caches for the same schedule, and a change in either branch alone missed
     (docs/results/2026-12-07-cpu/cond_cache.log)."""
     cond = torch.ops.higher_order.cond
-    if not cond.cacheable():
-        from torch._inductor import config
+    if cond.cacheable():
+        return
+    from torch._inductor import config
 
-        name = f"{cond.__module__}.{cond.__name__}"
+    name = f"{cond.__module__}.{cond.__name__}"
+    if config.unsafe_marked_cacheable_functions.get(name) != torch.__version__:  # once, not at every UNet call
         config.unsafe_marked_cacheable_functions = {**config.unsafe_marked_cacheable_functions, name: torch.__version__}
 
 

@@ -108,11 +108,8 @@ def test_regional_compilation_follows_the_stage(monkeypatch, one_graph):
     where one graph's cond once failed inductor's assert_size_stride (UNetPatch.over_stages)."""
     monkeypatch.setattr(agentsd.schedule, "ONE_GRAPH_FOR_STAGES", one_graph)
     torch._dynamo.reset()
-    unet = unet_from_config("sd15", tiny=True).to("cuda", torch.float16).eval()
-    agentsd.apply_patch(unet, 0.5, min_tokens=0, seed=0)
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 32, 32, generator=g).to("cuda", torch.float16)
-    context = torch.randn(2, 77, 32, generator=g).to("cuda", torch.float16)
+    unet, sample, context = _setup(torch.float16)
+    agentsd.apply_patch(unet, 0.5, min_tokens=0, seed=0)  # the paper's schedule
     timesteps = torch.tensor([981, 661, 341, 21], device="cuda")  # a list: stages 0, 0, 1, 1
     eager = [unet(sample, t, context).sample for t in timesteps]
     unet.compile_repeated_blocks(fullgraph=True)
