@@ -13,9 +13,10 @@ cp -r "$checkout/tests" "$work/tests"   # without src/: its conftest then import
 cd "$work"
 export HF_HUB_OFFLINE=1   # tests that need the hub fail fast in both runs instead of waiting on the network
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-suite="python -m pytest -q -p no:cacheprovider --timeout 600 -p offline_tokenizer"
+py=$(command -v python || command -v python3)   # GPU images may have python3 only
+suite="$py -m pytest -q -p no:cacheprovider --timeout 600 -p offline_tokenizer"
 $suite --junitxml="$out/plain.xml" "$@" > "$out/plain.log" 2>&1 || true
 AGENTSD_SUITE_COUNTS="$out/counts.json" $suite -p agentsd_everywhere --junitxml="$out/patched.xml" "$@" > "$out/patched.log" 2>&1 || true
 rm -rf "$work"
-python "$here/compare.py" "$out/plain.xml" "$out/patched.xml" | tee "$out/compare.txt"
+"$py" "$here/compare.py" "$out/plain.xml" "$out/patched.xml" | tee "$out/compare.txt"
 cat "$out/counts.json"
