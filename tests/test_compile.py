@@ -187,7 +187,6 @@ def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch, one_graph,
     serves every size with the graphs the unpatched UNet needs, not one more per size (recompile_limit
     would stop that at 8), and gives the eager result at each."""
     settings, use_kernels = NEW_SIZES[case]
-    monkeypatch.setattr(kernels, "available", lambda x: use_kernels)
     sizes = [(16, 16), (24, 24), (32, 16)]  # the second makes both sizes symbols (8 would be 1 at the bottom)
     graphs = {}
     for patched in (False, True):
@@ -196,7 +195,9 @@ def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch, one_graph,
         unet = unet_from_config("sd15", tiny=True).eval()
         if patched:
             agentsd.apply_patch(unet, **settings, seed=0)
+        monkeypatch.setattr(kernels, "available", lambda x: False)  # the torch merge: their reference, and fast
         eager = [run_unet(unet, unet_inputs("sd15", latent=size)) for size in sizes]
+        monkeypatch.setattr(kernels, "available", lambda x: use_kernels)
         compiled = torch.compile(unet, backend="eager", fullgraph=True)  # dynamo traces the ops through their fakes
         graphs[patched] = []  # after each size
         for size, expected in zip(sizes, eager):
