@@ -185,7 +185,7 @@ def test_new_sizes_compile_no_more_graphs_than_unpatched(monkeypatch, one_graph,
     """From a second size on torch.compile makes the sizes symbols (dynamic shapes): the patched UNet,
     kernels' ops included (here through Triton's interpreter) and the paper schedule as one graph, then
     serves every size with the graphs the unpatched UNet needs, not one more per size (recompile_limit
-    would stop that at 8), and gives the eager result at each."""
+    would stop that at 8), and gives the torch merge's eager result at each."""
     settings, use_kernels = NEW_SIZES[case]
     sizes = [(16, 16), (24, 24), (32, 16)]  # the second makes both sizes symbols (8 would be 1 at the bottom)
     graphs = {}
